@@ -1,0 +1,113 @@
+"""The ``mamba-moe`` command: each subcommand delegates to the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .config import PRESETS, ConfigError, MambaMoEConfig, get_preset
+
+
+def _load_config(args: argparse.Namespace) -> MambaMoEConfig:
+    return MambaMoEConfig.load(args.config) if args.config else get_preset(args.preset)
+
+
+def _describe(model, config: MambaMoEConfig) -> None:
+    from .export import export_blockers
+    from .model.params import count_parameters, format_parameter_table
+
+    layout = " ".join(("A" if m == "attention" else "M") + {"moe": "e", "dense": "d", "none": "-"}[f]
+                      for m, f in zip(config.layer_mixers, config.layer_ffns, strict=True))
+    print(f"layers ({config.n_layers}): {layout}   (M = Mamba2, A = attention; e = MoE, d = dense FFN, - = none)")
+    print(format_parameter_table(count_parameters(model)))
+    blockers = export_blockers(config)
+    print("GGUF (llama.cpp granitehybrid): " + ("exportable" if not blockers else
+                                                "not exportable: " + "; ".join(map(str, blockers))))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    with torch.device("meta"):  # sizes only: no memory, no init
+        from .model import MambaMoEForCausalLM
+        model = MambaMoEForCausalLM(config)
+    _describe(model, config)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a model, print what it is made of, and generate from its (random) weights."""
+    from .inference import greedy_generate
+    from .model import MambaMoEForCausalLM
+
+    torch.manual_seed(args.seed)
+    config = _load_config(args)
+    start = time.perf_counter()
+    model = MambaMoEForCausalLM(config).eval()
+    print(f"built {args.config or args.preset} in {time.perf_counter() - start:.1f}s")
+    _describe(model, config)
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(prompt)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    out = greedy_generate(model, prompt, args.new_tokens)
+    total = time.perf_counter() - start
+    new = out[0, args.prompt_tokens:].tolist()
+    print(f"prompt: {args.prompt_tokens} random token ids; prefill {args.prompt_tokens / prefill:.0f} tok/s")
+    print(f"greedy continuation (random weights, so ids not text): {new}")
+    print(f"generated {len(new)} tokens in {total:.2f}s ({len(new) / total:.1f} tok/s incl. prefill, "
+          f"{torch.get_num_threads()} threads)")
+    return 0
+
+
+def cmd_convert_hf_mamba2(args: argparse.Namespace) -> int:
+    from .convert import load_hf_mamba2
+
+    model = load_hf_mamba2(args.source)
+    model.save_pretrained(args.output)
+    print(f"wrote {args.output} ({model.num_parameters():,} parameters)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mamba-moe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_model(p: argparse.ArgumentParser, default: str) -> argparse.ArgumentParser:
+        p.add_argument("--preset", default=default, choices=sorted(PRESETS), help="named model preset")
+        p.add_argument("--config", help="model config file (YAML or config.json); overrides --preset")
+        return p
+
+    info = with_model(sub.add_parser("info", help="parameter table, layout and export status of a model"),
+                      "mamba-moe-300m")
+    info.set_defaults(func=cmd_info)
+
+    demo = with_model(sub.add_parser("demo", help="build a model and generate from it (no download, CPU)"),
+                      "mamba-moe-300m")
+    demo.add_argument("--prompt-tokens", type=int, default=32)
+    demo.add_argument("--new-tokens", type=int, default=16)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    convert = sub.add_parser("convert-hf-mamba2", help="import a HF Mamba2ForCausalLM checkpoint directory")
+    convert.add_argument("source")
+    convert.add_argument("output")
+    convert.set_defaults(func=cmd_convert_hf_mamba2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"mamba-moe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Model configuration: one dataclass, validated, with named presets and YAML / HF-style JSON I/O.
+
+Every field has one meaning across the whole model; errors name the field they are about, so a typo in
+a YAML file is found in seconds rather than after a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MIXERS = ("mamba", "attention")
+FFNS = ("none", "dense", "moe")
+ATTENTION_TYPES = ("gqa", "diff", "diff2")
+DIFF2_LAMBDA_MODES = ("head", "token")
+ROUTERS = ("soft", "topk", "switch")
+ACTIVATIONS = ("swiglu", "gelu")
+
+# Keys that HF tooling writes into config.json and that carry no model meaning for us.
+_META_KEYS = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent; the message names the field."""
+
+
+@dataclass
+class MambaMoEConfig:
+    """Architecture of a hybrid Mamba2 / attention / MoE language model.
+
+    The per-layer layout is two lists of length ``n_layers``: ``layer_mixers`` ("mamba" or
+    "attention") and ``layer_ffns`` ("none", "dense" or "moe"). Left empty they default to all-Mamba
+    mixers and MoE FFNs everywhere.
+    """
+
+    vocab_size: int = 32000
+    d_model: int = 1024
+    n_layers: int = 24
+    layer_mixers: list[str] = field(default_factory=list)
+    layer_ffns: list[str] = field(default_factory=list)
+
+    # Embeddings: 0 = a plain vocab x d_model table; r > 0 = vocab x r table followed by r -> d_model.
+    embedding_rank: int = 0
+    tie_word_embeddings: bool = True
+
+    # Mamba2 (SSD) mixer.
+    ssm_state_size: int = 128
+    ssm_expand: int = 2
+    ssm_head_dim: int = 64
+    ssm_ngroups: int = 1
+    ssm_conv_kernel: int = 4
+    ssm_conv_bias: bool = True
+    ssm_chunk_size: int = 128
+    ssm_dt_min: float = 0.001
+    ssm_dt_max: float = 0.1
+    ssm_dt_init_floor: float = 1e-4
+    ssm_a_init_min: float = 1.0
+    ssm_a_init_max: float = 16.0
+
+    # Attention mixer.
+    attn_type: str = "gqa"
+    attn_num_heads: int = 16
+    attn_num_kv_heads: int = 1
+    attn_head_dim: int | None = None
+    diff2_lambda: str = "head"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 8192
+
+    # Feed-forward layers.
+    ffn_activation: str = "swiglu"
+    ffn_hidden_size: int = 2816
+    moe_num_experts: int = 4
+    moe_expert_hidden_size: int = 512
+    moe_shared_expert_hidden_size: int = 0
+    moe_router: str = "soft"
+    moe_top_k: int = 1
+    moe_capacity_factor: float = 1.25
+    moe_min_capacity: int = 4
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
+
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_mixers:
+            self.layer_mixers = ["mamba"] * self.n_layers
+        if not self.layer_ffns:
+            self.layer_ffns = ["moe"] * self.n_layers
+        self.layer_mixers = list(self.layer_mixers)
+        self.layer_ffns = list(self.layer_ffns)
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def ssm_d_inner(self) -> int:
+        return self.ssm_expand * self.d_model
+
+    @property
+    def ssm_num_heads(self) -> int:
+        return self.ssm_d_inner // self.ssm_head_dim
+
+    @property
+    def ssm_conv_dim(self) -> int:
+        return self.ssm_d_inner + 2 * self.ssm_ngroups * self.ssm_state_size
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one query/key head (for ``diff`` each of its two sub-heads)."""
+        if self.attn_head_dim is not None:
+            return self.attn_head_dim
+        per_head = self.d_model // self.attn_num_heads
+        return per_head // 2 if self.attn_type == "diff" else per_head
+
+    @property
+    def effective_top_k(self) -> int:
+        """Experts a token is sent to: all for ``soft``, one for ``switch``, ``moe_top_k`` for ``topk``."""
+        return {"soft": self.moe_num_experts, "switch": 1}.get(self.moe_router, self.moe_top_k)
+
+    # ---- validation ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        def fail(name: str, msg: str) -> None:
+            raise ConfigError(f"{name}: {msg} (got {getattr(self, name)!r})")
+
+        def choice(name: str, allowed: tuple[str, ...], value: str | None = None) -> None:
+            value = getattr(self, name) if value is None else value
+            if value not in allowed:
+                hint = difflib.get_close_matches(str(value), allowed, n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}{extra}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "ssm_state_size", "ssm_expand", "ssm_head_dim",
+                     "ssm_ngroups", "ssm_conv_kernel", "ssm_chunk_size", "attn_num_heads",
+                     "attn_num_kv_heads", "ffn_hidden_size", "moe_num_experts", "moe_expert_hidden_size",
+                     "moe_top_k", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(name, "must be a positive integer")
+        for name in ("embedding_rank", "moe_shared_expert_hidden_size", "moe_min_capacity"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(name, "must be a non-negative integer")
+        for name in ("rms_norm_eps", "moe_capacity_factor", "rope_theta", "initializer_range"):
+            if not float(getattr(self, name)) > 0:
+                fail(name, "must be > 0")
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+            if float(getattr(self, name)) < 0:
+                fail(name, "must be >= 0")
+
+        for name in ("layer_mixers", "layer_ffns"):
+            if len(getattr(self, name)) != self.n_layers:
+                raise ConfigError(f"{name}: needs one entry per layer, n_layers={self.n_layers}, "
+                                  f"got {len(getattr(self, name))}")
+        for kind in self.layer_mixers:
+            choice("layer_mixers", MIXERS, kind)
+        for kind in self.layer_ffns:
+            choice("layer_ffns", FFNS, kind)
+        choice("attn_type", ATTENTION_TYPES)
+        choice("diff2_lambda", DIFF2_LAMBDA_MODES)
+        choice("moe_router", ROUTERS)
+        choice("ffn_activation", ACTIVATIONS)
+
+        if self.ssm_d_inner % self.ssm_head_dim:
+            fail("ssm_head_dim", f"must divide d_inner = ssm_expand * d_model = {self.ssm_d_inner}")
+        if self.ssm_num_heads % self.ssm_ngroups:
+            fail("ssm_ngroups", f"must divide the number of SSM heads ({self.ssm_num_heads})")
+        if self.moe_router == "topk" and self.moe_top_k > self.moe_num_experts:
+            raise ConfigError(f"moe_num_experts: {self.moe_num_experts} experts cannot serve "
+                              f"moe_top_k={self.moe_top_k}; need moe_num_experts >= moe_top_k")
+        if self.embedding_rank >= self.d_model:
+            fail("embedding_rank", f"a factorized embedding needs rank < d_model ({self.d_model}); use 0 "
+                 "for a plain embedding")
+        if self.embedding_rank and not self.tie_word_embeddings:
+            fail("tie_word_embeddings", "factorized embeddings are always tied to the output head")
+
+        if "attention" in self.layer_mixers:
+            if self.attn_head_dim is None:
+                split = 2 * self.attn_num_heads if self.attn_type == "diff" else self.attn_num_heads
+                if self.d_model % split:
+                    fail("attn_num_heads", f"d_model={self.d_model} is not divisible by the number of "
+                         f"heads ({split}{' = 2 per differential head' if self.attn_type == 'diff' else ''}); "
+                         "set attn_head_dim explicitly or change attn_num_heads")
+            if self.head_dim % 2:
+                fail("attn_head_dim", f"must be even for rotary embeddings (resolved to {self.head_dim})")
+            if self.attn_num_heads % self.attn_num_kv_heads:
+                fail("attn_num_kv_heads", f"must divide attn_num_heads={self.attn_num_heads}")
+            self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        allowed = {"type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                   "attention_factor"}
+        for key in rs:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+                raise ConfigError(f"rope_scaling.{key}: unknown key" +
+                                  (f"; did you mean {hint[0]!r}?" if hint else ""))
+        if rs.get("type") != "yarn":
+            raise ConfigError(f"rope_scaling.type: only 'yarn' is supported (got {rs.get('type')!r})")
+        if not float(rs.get("factor", 0)) >= 1.0:
+            raise ConfigError(f"rope_scaling.factor: must be >= 1 (got {rs.get('factor')!r})")
+        if int(rs.get("original_max_position_embeddings", 0)) <= 0:
+            raise ConfigError("rope_scaling.original_max_position_embeddings: must be a positive integer")
+
+    # ---- I/O -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MambaMoEConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: expected a mapping of field names to values, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        clean = {}
+        for key, value in data.items():
+            if key in _META_KEYS:
+                continue
+            if key not in names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                raise ConfigError(f"{key}: unknown config key" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+            clean[key] = value
+        try:
+            return cls(**clean)
+        except TypeError as err:  # e.g. a list where a number belongs, caught before validate()
+            raise ConfigError(f"config: {err}") from err
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The dictionary written as ``config.json`` beside the weights (HF conventions)."""
+        return {"model_type": "mamba_moe", "architectures": ["MambaMoEForCausalLM"], **self.to_dict()}
+
+    def save(self, path: str | Path) -> None:
+        """Write YAML (``.yaml``/``.yml``) or JSON (anything else) to ``path``, atomically."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_hf_dict(), indent=2) + "\n"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MambaMoEConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
+                              f"{err}") from err
+        if isinstance(data, dict) and "preset" in data:  # YAML may start from a preset and override
+            base = get_preset(data.pop("preset")).to_dict()
+            base.update(data)
+            data = base
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+    def replace(self, **changes: Any) -> MambaMoEConfig:
+        return MambaMoEConfig.from_dict({**self.to_dict(), **changes})
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+
+def _every(n_layers: int, period: int, offset: int) -> list[str]:
+    """Mixers with attention on layers offset, offset + period, ... and Mamba2 elsewhere."""
+    return ["attention" if i % period == offset else "mamba" for i in range(n_layers)]
+
+
+def _flagship() -> MambaMoEConfig:
+    # Seed 000's phone model, shaped to fit llama.cpp's granitehybrid exactly (docs/architecture.md).
+    return MambaMoEConfig(
+        vocab_size=32000, d_model=1024, n_layers=24,
+        layer_mixers=_every(24, 6, 5), layer_ffns=["moe"] * 24,
+        embedding_rank=256, tie_word_embeddings=True,
+        ssm_state_size=128, ssm_expand=2, ssm_head_dim=64, ssm_ngroups=1, ssm_conv_kernel=4,
+        attn_type="diff2", diff2_lambda="head", attn_num_heads=16, attn_num_kv_heads=1, attn_head_dim=64,
+        rope_theta=10000.0, max_position_embeddings=32768,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192,
+                      "beta_fast": 32.0, "beta_slow": 1.0},
+        ffn_activation="swiglu", moe_num_experts=6, moe_expert_hidden_size=256,
+        moe_shared_expert_hidden_size=512, moe_router="soft",
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def _mamba_r1() -> MambaMoEConfig:
+    # Seed 004's "technical specifications": Mamba blocks alternating with Switch-MoE FFNs.
+    return MambaMoEConfig(
+        vocab_size=32000, d_model=512, n_layers=12, ssm_state_size=64, ssm_conv_kernel=4, ssm_expand=2,
+        ssm_head_dim=64, moe_num_experts=8, moe_expert_hidden_size=2048, moe_router="switch",
+        moe_capacity_factor=1.25, moe_min_capacity=4, ffn_activation="gelu", max_position_embeddings=2048,
+    )
+
+
+def _tiny() -> MambaMoEConfig:
+    # Small enough for unit tests on 2 CPU cores, yet every component is present.
+    return MambaMoEConfig(
+        vocab_size=512, d_model=64, n_layers=4, layer_mixers=["mamba", "attention", "mamba", "attention"],
+        layer_ffns=["moe"] * 4, embedding_rank=32, ssm_state_size=16, ssm_head_dim=16, ssm_chunk_size=16,
+        attn_type="diff2", attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=16,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                      "beta_fast": 32.0, "beta_slow": 1.0},
+        max_position_embeddings=256, moe_num_experts=4, moe_expert_hidden_size=64,
+        moe_shared_expert_hidden_size=64, moe_router="soft",
+    )
+
+
+def _small() -> MambaMoEConfig:
+    # The CPU demo model: trains for a few minutes on a laptop.
+    return MambaMoEConfig(
+        vocab_size=8192, d_model=256, n_layers=8, layer_mixers=_every(8, 4, 3), layer_ffns=["moe"] * 8,
+        embedding_rank=128, ssm_state_size=64, ssm_head_dim=32, ssm_chunk_size=64,
+        attn_type="diff2", attn_num_heads=4, attn_num_kv_heads=1, attn_head_dim=64,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                      "beta_fast": 32.0, "beta_slow": 1.0},
+        max_position_embeddings=4096, moe_num_experts=4, moe_expert_hidden_size=256,
+        moe_shared_expert_hidden_size=256, moe_router="soft",
+    )
+
+
+PRESETS = {
+    "mamba-moe-300m": _flagship,
+    "mamba-r1": _mamba_r1,
+    "mamba-moe-small": _small,
+    "mamba-moe-tiny": _tiny,
+}
+
+
+def get_preset(name: str, **overrides: Any) -> MambaMoEConfig:
+    """A named preset, optionally with fields overridden (validated like any config)."""
+    if name not in PRESETS:
+        hint = difflib.get_close_matches(name, list(PRESETS), n=1)
+        raise ConfigError(f"preset: unknown preset {name!r}; known: {sorted(PRESETS)}"
+                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    config = PRESETS[name]()
+    return config.replace(**overrides) if overrides else config
+

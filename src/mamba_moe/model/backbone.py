@@ -1,0 +1,119 @@
+"""The layer stack without embeddings: (batch, seq, d_model) -> (batch, seq, d_model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MambaMoEConfig
+from ..ops.rope import rope_cos_sin, rope_inv_freq
+from .block import HybridBlock, LayerInputs
+from .cache import HybridCache
+from .ffn import RouterStats
+from .init import init_weights
+from .norms import RMSNorm
+
+
+@dataclass
+class BackboneOutput:
+    hidden: Tensor
+    aux_loss: Tensor
+    router_stats: list[RouterStats] = field(default_factory=list)
+
+
+def check_mask(mask: Tensor | None, batch: int, seq: int, name: str = "mask") -> Tensor | None:
+    """Accept a (batch, seq) bool or 0/1 tensor; return it as bool, or raise naming ``name``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.shape != (batch, seq):
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name}: expected a (batch, seq) = ({batch}, {seq}) tensor, got {shape}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(f"{name}: expected bool or integer 0/1 values, got dtype {mask.dtype}")
+        mask = mask != 0
+    return mask
+
+
+class MambaMoEBackbone(nn.Module):
+    """The hybrid stack of seed 004's API: Mamba2 / attention mixers with dense or MoE FFNs."""
+
+    def __init__(self, config: MambaMoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.n_layers))
+        self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.has_attention = "attention" in config.layer_mixers
+        if self.has_attention:
+            inv_freq, self.rope_attention_factor = rope_inv_freq(config.head_dim, config.rope_theta,
+                                                                 config.rope_scaling)
+            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        init_weights(self, config)
+
+    def new_cache(self, batch_size: int, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> HybridCache:
+        device = device or self.final_norm.weight.device
+        states = [layer.new_state(batch_size, device=device, dtype=dtype) for layer in self.layers]
+        return HybridCache(states, batch_size, device)
+
+    def _layer_inputs(self, hidden: Tensor, mask: Tensor | None, cache: HybridCache | None) -> LayerInputs:
+        b, l, _ = hidden.shape
+        device = hidden.device
+        past = 0 if cache is None else cache.seen_tokens
+        real = torch.ones(b, l, dtype=torch.bool, device=device) if mask is None else mask
+        key_valid = real if cache is None else torch.cat([cache.key_mask, real], dim=1)
+        if cache is not None:
+            cache.key_mask = key_valid
+        if not self.has_attention:
+            return LayerInputs(mask, None, None, None)
+
+        start = cache.positions if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
+        # With left padding the first real token is position 0 (or continues the cache's count).
+        positions = (start[:, None] + torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_attention_factor, hidden.dtype)
+        attn_mask = None
+        if mask is not None or past > 0:
+            q_index = past + torch.arange(l, device=device)
+            k_index = torch.arange(past + l, device=device)
+            allowed = (k_index[None, :] <= q_index[:, None])[None] & key_valid[:, None, :]
+            # A query always sees itself, so a padded query never has an all-masked (NaN) row.
+            allowed = allowed | (k_index[None, :] == q_index[:, None])[None]
+            attn_mask = allowed[:, None]
+        return LayerInputs(mask, cos, sin, attn_mask)
+
+    def run(self, hidden: Tensor, mask: Tensor | None = None, cache: HybridCache | None = None) -> BackboneOutput:
+        """The full forward: hidden states, the summed weighted router losses and per-layer stats."""
+        if hidden.dim() != 3 or hidden.shape[-1] != self.config.d_model:
+            raise ValueError(f"x: expected (batch, seq, {self.config.d_model}), got shape {tuple(hidden.shape)}")
+        if not hidden.is_floating_point():
+            raise ValueError(f"x: expected a floating-point tensor, got dtype {hidden.dtype}")
+        b, l, _ = hidden.shape
+        mask = check_mask(mask, b, l)
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"cache: built for batch size {cache.batch_size}, called with batch size {b}")
+        inputs = self._layer_inputs(hidden, mask, cache)
+        aux = hidden.new_zeros((), dtype=torch.float32)
+        stats = []
+        for i, layer in enumerate(self.layers):
+            hidden, layer_aux, layer_stats = layer(hidden, inputs, None if cache is None else cache.layers[i])
+            if layer_aux is not None:
+                aux = aux + layer_aux
+                stats.append(layer_stats)
+        if cache is not None:
+            cache.positions = cache.positions + (l if mask is None else mask.sum(1))
+        hidden = self.final_norm(hidden)
+        if mask is not None:
+            hidden = hidden * mask[..., None].to(hidden.dtype)
+        return BackboneOutput(hidden, aux, stats)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Seed 004's call: x (batch, seq, dim), optional bool mask (True = real) -> (batch, seq, dim).
+
+        Positions where mask is False are zero in the output and do not influence the others. The
+        router losses of the last call are kept in ``self.last_aux_loss`` for training loops.
+        """
+        out = self.run(x, mask)
+        self.last_aux_loss = out.aux_loss
+        return out.hidden

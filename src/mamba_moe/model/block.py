@@ -1,0 +1,55 @@
+"""One pre-norm residual layer: h += mixer(norm(h)); h += ffn(norm(h))."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..config import MambaMoEConfig
+from .attention import Attention
+from .cache import KVState, MambaState
+from .ffn import FeedForward, MoEFeedForward, RouterStats
+from .mamba2 import Mamba2Mixer
+from .norms import RMSNorm
+
+
+@dataclass
+class LayerInputs:
+    """What every layer of one forward call shares: the padding mask and the attention context."""
+
+    mask: Tensor | None          # (b, l) bool, False = padding; None = no padding
+    cos: Tensor | None           # RoPE tables (b, l, head_dim); None when the model has no attention
+    sin: Tensor | None
+    attn_mask: Tensor | None     # (b, 1, l, t) bool; None = plain causal over this chunk alone
+
+
+class HybridBlock(nn.Module):
+    def __init__(self, config: MambaMoEConfig, index: int) -> None:
+        super().__init__()
+        self.mixer_kind = config.layer_mixers[index]
+        self.ffn_kind = config.layer_ffns[index]
+        self.mixer_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.mixer = Mamba2Mixer(config) if self.mixer_kind == "mamba" else Attention(config, index)
+        if self.ffn_kind != "none":
+            self.ffn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+            self.ffn = (MoEFeedForward(config) if self.ffn_kind == "moe"
+                        else FeedForward(config.d_model, config.ffn_hidden_size, config.ffn_activation))
+
+    def new_state(self, batch_size: int, **kwargs) -> MambaState | KVState:
+        return self.mixer.new_state(batch_size, **kwargs)
+
+    def forward(self, hidden: Tensor, inputs: LayerInputs,
+                state: MambaState | KVState | None = None) -> tuple[Tensor, Tensor | None, RouterStats | None]:
+        x = self.mixer_norm(hidden)
+        if self.mixer_kind == "mamba":
+            hidden = hidden + self.mixer(x, inputs.mask, state)
+        else:
+            hidden = hidden + self.mixer(x, inputs.cos, inputs.sin, inputs.attn_mask, state)
+        aux, stats = None, None
+        if self.ffn_kind == "moe":
+            out, aux, stats = self.ffn(self.ffn_norm(hidden), inputs.mask)
+            hidden = hidden + out
+        elif self.ffn_kind == "dense":
+            hidden = hidden + self.ffn(self.ffn_norm(hidden))
+        return hidden, aux, stats

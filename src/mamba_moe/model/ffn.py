@@ -1,0 +1,119 @@
+"""Feed-forward layers: a dense MLP and a mixture of experts with an optional shared expert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MambaMoEConfig
+from ..ops.moe import load_balancing_loss, route, router_z_loss
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (down(silu(gate x) * up x)) or GELU (down(gelu(up x))) MLP."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        if activation == "swiglu":
+            self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.activation == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class ExpertBank(nn.Module):
+    """E MLPs stored as stacked weights (E, out, in), the layout of grouped GEMMs and of GGUF's *_exps."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        if activation == "swiglu":
+            self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        for param in self.parameters():  # usable on its own; the model's init_weights rescales
+            nn.init.normal_(param, 0.0, 0.02)
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e applied to tokens x (n, d_model)."""
+        up = F.linear(x, self.up_proj[e])
+        h = F.silu(F.linear(x, self.gate_proj[e])) * up if self.activation == "swiglu" else F.gelu(up)
+        return F.linear(h, self.down_proj[e])
+
+    def all_experts(self, x: Tensor) -> Tensor:
+        """Every expert on every token: (n, d_model) -> (n, E, d_model), as batched matmuls."""
+        up = torch.einsum("nd,efd->nef", x, self.up_proj)
+        if self.activation == "swiglu":
+            h = F.silu(torch.einsum("nd,efd->nef", x, self.gate_proj)) * up
+        else:
+            h = F.gelu(up)
+        return torch.einsum("nef,edf->ned", h, self.down_proj)
+
+
+@dataclass
+class RouterStats:
+    """Per-layer routing facts for logging: tokens per expert (after capacity) and tokens dropped."""
+
+    tokens_per_expert: Tensor
+    dropped_tokens: Tensor
+    balance_loss: Tensor
+    z_loss: Tensor
+
+
+class MoEFeedForward(nn.Module):
+    """Routed experts (soft, top-k or Switch) plus an optional always-on shared expert (weight 1)."""
+
+    def __init__(self, config: MambaMoEConfig) -> None:
+        super().__init__()
+        self.router_kind = config.moe_router
+        self.num_experts = config.moe_num_experts
+        self.top_k = config.effective_top_k
+        self.capacity_factor = config.moe_capacity_factor
+        self.min_capacity = config.moe_min_capacity
+        self.aux_loss_coef = config.moe_aux_loss_coef
+        self.z_loss_coef = config.moe_z_loss_coef
+        self.router = nn.Linear(config.d_model, config.moe_num_experts, bias=False)
+        self.experts = ExpertBank(config.moe_num_experts, config.d_model, config.moe_expert_hidden_size,
+                                  config.ffn_activation)
+        self.shared_expert = (FeedForward(config.d_model, config.moe_shared_expert_hidden_size, config.ffn_activation)
+                              if config.moe_shared_expert_hidden_size else None)
+
+    def forward(self, hidden: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, RouterStats]:
+        """hidden (b, l, d) -> (output, weighted aux loss, stats). Padding (mask False) is not routed."""
+        b, l, d = hidden.shape
+        # Position-major token order, so Switch capacity is granted to earlier positions first.
+        tokens = hidden.transpose(0, 1).reshape(l * b, d)
+        valid = None if mask is None else mask.transpose(0, 1).reshape(l * b)
+        router_dtype = torch.promote_types(tokens.dtype, torch.float32)  # route in >= fp32
+        logits = F.linear(tokens.to(router_dtype), self.router.weight.to(router_dtype))
+        routing = route(logits, self.router_kind, self.top_k, valid, self.capacity_factor, self.min_capacity)
+
+        if self.router_kind == "soft":
+            out = torch.einsum("ned,ne->nd", self.experts.all_experts(tokens), routing.weights.to(tokens.dtype))
+        else:
+            out = torch.zeros_like(tokens)
+            for e in range(self.num_experts):
+                idx = routing.weights[:, e].nonzero().squeeze(-1)
+                if idx.numel():
+                    w = routing.weights[idx, e, None].to(tokens.dtype)
+                    out.index_add_(0, idx, self.experts.expert(e, tokens[idx]) * w)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        out = out.view(l, b, d).transpose(0, 1)
+
+        balance = load_balancing_loss(logits, routing.assigned, valid)
+        z = router_z_loss(logits, valid)
+        aux = self.aux_loss_coef * balance + self.z_loss_coef * z
+        stats = RouterStats(tokens_per_expert=(routing.weights > 0).sum(0).detach() if self.router_kind != "soft"
+                            else routing.assigned.sum(0).detach(),
+                            dropped_tokens=routing.dropped.sum().detach(),
+                            balance_loss=balance.detach(), z_loss=z.detach())
+        return out, aux, stats

@@ -1,0 +1,105 @@
+"""The Mamba2 mixer (Dao & Gu 2024), with HF transformers' parameter names and shapes.
+
+in_proj -> [z | xBC | dt]; xBC -> causal depthwise conv -> SiLU -> [x | B | C]; SSD scan with
+dt = softplus(dt + dt_bias) (no clamp) and A = -exp(A_log); y + D * x; gated group RMSNorm with z;
+out_proj.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MambaMoEConfig
+from ..ops.conv import causal_conv1d, causal_conv1d_step, conv_state_at
+from ..ops.ssd import ssd_chunked, ssd_step
+from .cache import MambaState
+from .norms import GatedRMSNorm
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: MambaMoEConfig) -> None:
+        super().__init__()
+        self.d_model = config.d_model
+        self.d_inner = config.ssm_d_inner
+        self.num_heads = config.ssm_num_heads
+        self.head_dim = config.ssm_head_dim
+        self.ngroups = config.ssm_ngroups
+        self.d_state = config.ssm_state_size
+        self.kernel = config.ssm_conv_kernel
+        self.chunk_size = config.ssm_chunk_size
+        self.conv_dim = config.ssm_conv_dim
+
+        self.in_proj = nn.Linear(self.d_model, self.d_inner + self.conv_dim + self.num_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim,
+                                padding=self.kernel - 1, bias=config.ssm_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.ngroups, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=False)
+        self._init_ssm(config)
+
+    def _init_ssm(self, config: MambaMoEConfig) -> None:
+        # dt ~ log-uniform in [dt_min, dt_max], stored through softplus's inverse; A ~ U[a_min, a_max].
+        with torch.no_grad():
+            dt = torch.exp(torch.rand(self.num_heads) * (math.log(config.ssm_dt_max) - math.log(config.ssm_dt_min))
+                           + math.log(config.ssm_dt_min)).clamp(min=config.ssm_dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log.copy_(torch.log(torch.empty(self.num_heads).uniform_(config.ssm_a_init_min,
+                                                                            config.ssm_a_init_max)))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+
+    def new_state(self, batch_size: int, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> MambaState:
+        device = device or self.in_proj.weight.device
+        dtype = dtype or self.in_proj.weight.dtype
+        return MambaState(
+            conv=torch.zeros(batch_size, self.conv_dim, self.kernel - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, self.num_heads, self.head_dim, self.d_state, device=device,
+                            dtype=torch.float64 if dtype == torch.float64 else torch.float32),
+        )
+
+    def _split_xbc(self, xbc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        gn = self.ngroups * self.d_state
+        x, B, C = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
+        shape = xbc.shape[:-1]
+        return (x.reshape(*shape, self.num_heads, self.head_dim), B.reshape(*shape, self.ngroups, self.d_state),
+                C.reshape(*shape, self.ngroups, self.d_state))
+
+    def forward(self, hidden: Tensor, mask: Tensor | None = None, state: MambaState | None = None) -> Tensor:
+        """hidden (b, l, d_model); mask (b, l) bool, False = padding; state updated in place if given."""
+        b, l, _ = hidden.shape
+        z, xbc, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        weight = self.conv1d.weight[:, 0, :]
+        scan_dtype = torch.promote_types(hidden.dtype, torch.float32)  # the scan runs in >= fp32
+        A = -torch.exp(self.A_log.to(scan_dtype))
+        dt = F.softplus(dt.to(scan_dtype) + self.dt_bias.to(scan_dtype))
+        if mask is not None:
+            # Padding feeds zeros to the conv and has dt = 0, so it leaves both states untouched.
+            xbc = xbc * mask[..., None].to(xbc.dtype)
+            dt = dt * mask[..., None]
+
+        if state is not None and l == 1 and mask is None:
+            conv_out, state.conv = causal_conv1d_step(xbc[:, 0], state.conv, weight, self.conv1d.bias)
+            x, B, C = self._split_xbc(F.silu(conv_out))
+            y, state.ssm = ssd_step(state.ssm, x, dt[:, 0], A, B, C, self.D)
+            y = y[:, None]
+        else:
+            conv_out, conv_final = causal_conv1d(xbc, weight, self.conv1d.bias,
+                                                 None if state is None else state.conv)
+            x, B, C = self._split_xbc(F.silu(conv_out))
+            y, ssm_final = ssd_chunked(x, dt, A, B, C, self.chunk_size, self.D,
+                                       None if state is None else state.ssm)
+            if state is not None:
+                if mask is not None:  # right padding: the conv state ends at each row's last real token
+                    positions = torch.arange(l, device=hidden.device).expand(b, l)
+                    last = torch.where(mask, positions, -1).max(dim=1).values
+                    conv_final = conv_state_at(xbc, state.conv, last, self.kernel)
+                state.conv, state.ssm = conv_final.to(state.conv.dtype), ssm_final
+        y = y.reshape(b, l, self.d_inner).to(hidden.dtype)
+        return self.out_proj(self.norm(y, z))

@@ -1,0 +1,95 @@
+"""Mixture-of-experts routing as pure functions: router weights, Switch capacity, auxiliary losses.
+
+Token order matters for Switch capacity: tokens are ranked position-major (all sequences' position 0,
+then position 1, ...), so whether a token is dropped depends only on tokens at the same or earlier
+positions, and the layer stays causal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class Routing:
+    """Which experts each token uses and with what weight.
+
+    weights: (N, E) mixing weights (zero where an expert is not used, or the token is dropped / padding).
+    assigned: (N, E) bool, the experts chosen before capacity (for the load-balancing fraction).
+    dropped: (N,) bool, tokens whose routed experts were all dropped for capacity.
+    """
+
+    weights: Tensor
+    assigned: Tensor
+    dropped: Tensor
+
+
+def switch_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """Tokens each expert may take: ceil(capacity_factor * tokens / experts), at least min_capacity."""
+    return max(min_capacity, math.ceil(capacity_factor * num_tokens / num_experts))
+
+
+def route(logits: Tensor, router: str, top_k: int, valid: Tensor | None = None,
+          capacity_factor: float = 1.0, min_capacity: int = 0) -> Routing:
+    """Turn router logits (N, E) into mixing weights, with tokens ordered as capacity should see them.
+
+    - ``soft``: every expert, weighted by softmax(logits).
+    - ``topk``: the k largest softmax probabilities, renormalised to sum to 1 (dropless).
+    - ``switch``: the top-1 expert weighted by its raw probability; tokens past an expert's capacity
+      are dropped (weight 0, so only the residual carries them).
+    """
+    N, E = logits.shape
+    valid = torch.ones(N, dtype=torch.bool, device=logits.device) if valid is None else valid
+    probs = torch.softmax(logits, dim=-1)
+    if router == "soft":
+        weights = probs
+        top1 = probs.argmax(-1)
+        assigned = F.one_hot(top1, E).bool()
+        dropped = torch.zeros(N, dtype=torch.bool, device=logits.device)
+    elif router == "topk":
+        top_p, top_i = probs.topk(top_k, dim=-1)
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)
+        assigned = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_i, True)
+        dropped = torch.zeros(N, dtype=torch.bool, device=logits.device)
+    elif router == "switch":
+        top_p, top_i = probs.max(dim=-1)
+        assigned = F.one_hot(top_i, E).bool() & valid[:, None]
+        capacity = switch_capacity(int(valid.sum()), E, capacity_factor, min_capacity)
+        rank = torch.cumsum(assigned.long(), dim=0) - 1                                # place in the queue
+        kept = assigned & (rank < capacity)
+        weights = kept.to(top_p.dtype) * top_p[:, None]
+        dropped = valid & ~kept.any(-1)
+    else:
+        raise ValueError(f"router: unknown router {router!r}; expected soft, topk or switch")
+    weights = weights * valid[:, None]
+    assigned = assigned & valid[:, None]
+    return Routing(weights=weights, assigned=assigned, dropped=dropped & valid)
+
+
+def load_balancing_loss(logits: Tensor, assigned: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Switch/GShard balance loss E * sum_e f_e * P_e; exactly 1.0 when routing is uniform.
+
+    f_e: share of (token, choice) assignments that went to expert e; P_e: mean router probability.
+    Only P carries gradient, as in the Switch Transformer. Logits should be float32 or wider.
+    """
+    N, E = logits.shape
+    valid = torch.ones(N, dtype=torch.bool, device=logits.device) if valid is None else valid
+    count = valid.sum().clamp(min=1)
+    probs = torch.softmax(logits, dim=-1) * valid[:, None]
+    mean_prob = probs.sum(0) / count
+    share = assigned.to(probs.dtype).sum(0) / assigned.sum().clamp(min=1)
+    return E * (share * mean_prob).sum()
+
+
+def router_z_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
+    """ST-MoE's z-loss: mean squared log-partition, keeps router logits small."""
+    z = torch.logsumexp(logits, dim=-1) ** 2
+    if valid is None:
+        return z.mean()
+    return (z * valid).sum() / valid.sum().clamp(min=1)

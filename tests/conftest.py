@@ -1,0 +1,35 @@
+"""Shared test set-up: fresh random inputs on every run, with the seed printed for reproduction."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """Seed torch from the OS (or MAMBA_MOE_TEST_SEED to replay) and report the seed on failure."""
+    seed = int(os.environ.get("MAMBA_MOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(seed)
+    print(f"test seed: {seed} (replay with MAMBA_MOE_TEST_SEED={seed})")
+    yield seed
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|; NaN anywhere counts as infinitely wrong."""
+    if torch.isnan(actual).any() or torch.isnan(expected).any():
+        return float("inf")
+    scale = expected.detach().abs().max().clamp(min=1e-30)
+    return float((actual - expected).detach().abs().max() / scale)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
