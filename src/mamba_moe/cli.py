@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 
 import torch
 
 from .config import PRESETS, ConfigError, MambaMoEConfig, get_preset
+
+_SUBCOMMAND_MODULES: list[str] = []
 
 
 def _load_config(args: argparse.Namespace) -> MambaMoEConfig:
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source")
     convert.add_argument("output")
     convert.set_defaults(func=cmd_convert_hf_mamba2)
+
+    # Subsystems add their own subcommands: each module has register(subparsers).
+    for module in _SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -300,7 +300,7 @@ def _flagship() -> MambaMoEConfig:
                       "beta_fast": 32.0, "beta_slow": 1.0},
         ffn_activation="swiglu", moe_num_experts=6, moe_expert_hidden_size=256,
         moe_shared_expert_hidden_size=512, moe_router="soft",
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        pad_token_id=0, eos_token_id=1,
     )
 
 
