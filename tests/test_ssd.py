@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mamba_moe.ops.ssd import segsum, ssd_chunked, ssd_sequential, ssd_step
 
@@ -99,3 +101,15 @@ def test_bad_shapes_are_named():
         ssd_chunked(x, dt, A, B[:, :, :, None], C, 8, D)
     with pytest.raises(ValueError, match="initial_state"):
         ssd_chunked(x, dt, A, B, C, 8, D, torch.zeros(1, 2, 3, 4, dtype=x.dtype))
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 2), l=st.integers(1, 40), groups=st.sampled_from([1, 2]), heads_per_group=st.integers(1, 3),
+       p=st.integers(1, 5), n=st.integers(1, 6), chunk=st.integers(1, 17), with_state=st.booleans())
+def test_chunked_equals_sequential_for_any_shape(b, l, groups, heads_per_group, p, n, chunk, with_state):
+    x, dt, A, B, C, D, init = random_inputs(b=b, l=l, h=groups * heads_per_group, p=p, g=groups, n=n,
+                                            state=with_state)
+    y_ref, s_ref = ssd_sequential(x, dt, A, B, C, D, init)
+    y, s = ssd_chunked(x, dt, A, B, C, chunk, D, init)
+    assert y.shape == (b, l, groups * heads_per_group, p) and s.shape == (b, groups * heads_per_group, p, n)
+    assert rel_error(y, y_ref) < 1e-10 and rel_error(s, s_ref) < 1e-10
