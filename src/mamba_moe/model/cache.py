@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -18,14 +18,48 @@ class MambaState:
 
 @dataclass
 class KVState:
-    """Keys after RoPE (b, k_heads, t, d) and values (b, v_heads, t, dv); empty (t = 0) at start."""
+    """Keys after RoPE (b, k_heads, t, d) and values (b, v_heads, t, dv); empty (t = 0) at start.
+
+    ``key``/``value`` are views of the first t positions of preallocated buffers: ``append`` writes the new
+    positions in place and grows the buffers by doubling when full, so decoding n tokens copies O(n)
+    entries rather than the O(n^2) of concatenating every step. ``reserve`` preallocates when the final
+    length is known (a generation's prompt + max new tokens).
+    """
 
     key: Tensor
     value: Tensor
+    _key_buffer: Tensor | None = field(default=None, repr=False)
+    _value_buffer: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def length(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.length if self._key_buffer is None else self._key_buffer.shape[2]
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` positions in all (the filled part is kept)."""
+        if capacity <= self.capacity:
+            return
+        t = self.length
+        key = self.key.new_empty(*self.key.shape[:2], capacity, self.key.shape[3])
+        value = self.value.new_empty(*self.value.shape[:2], capacity, self.value.shape[3])
+        key[:, :, :t].copy_(self.key)
+        value[:, :, :t].copy_(self.value)
+        self._key_buffer, self._value_buffer = key, value
+        self.key, self.value = key[:, :, :t], value[:, :, :t]
 
     def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        self.key = torch.cat([self.key, key], dim=2)
-        self.value = torch.cat([self.value, value], dim=2)
+        t, n = self.length, key.shape[2]
+        if n == 0:
+            return self.key, self.value
+        if self._key_buffer is None or t + n > self.capacity:
+            self.reserve(max(t + n, 2 * self.capacity))
+        self._key_buffer[:, :, t:t + n].copy_(key)
+        self._value_buffer[:, :, t:t + n].copy_(value)
+        self.key, self.value = self._key_buffer[:, :, :t + n], self._value_buffer[:, :, :t + n]
         return self.key, self.value
 
 

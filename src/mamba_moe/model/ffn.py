@@ -42,11 +42,31 @@ class ExpertBank(nn.Module):
         for param in self.parameters():  # usable on its own; the model's init_weights rescales
             nn.init.normal_(param, 0.0, 0.02)
 
+    def _mlp(self, x: Tensor, gate: Tensor | None, up: Tensor, down: Tensor) -> Tensor:
+        h = F.linear(x, up)
+        h = F.silu(F.linear(x, gate)) * h if gate is not None else F.gelu(h)
+        return F.linear(h, down)
+
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert e applied to tokens x (n, d_model)."""
-        up = F.linear(x, self.up_proj[e])
-        h = F.silu(F.linear(x, self.gate_proj[e])) * up if self.activation == "swiglu" else F.gelu(up)
-        return F.linear(h, self.down_proj[e])
+        gate = self.gate_proj[e] if self.activation == "swiglu" else None
+        return self._mlp(x, gate, self.up_proj[e], self.down_proj[e])
+
+    def mix_sparse(self, x: Tensor, weights: Tensor) -> Tensor:
+        """sum_e weights[:, e] * expert_e(x), running each expert only on the tokens with weight != 0.
+
+        The stacked weights are unbound once: indexing them per expert would make autograd build a
+        full-size zero gradient for every expert, E times the memory traffic of one.
+        """
+        gates = self.gate_proj.unbind(0) if self.activation == "swiglu" else [None] * self.up_proj.shape[0]
+        ups, downs = self.up_proj.unbind(0), self.down_proj.unbind(0)
+        out = torch.zeros_like(x)
+        for e in range(len(ups)):
+            idx = weights[:, e].nonzero().squeeze(-1)
+            if idx.numel():
+                y = self._mlp(x[idx], gates[e], ups[e], downs[e]) * weights[idx, e, None].to(x.dtype)
+                out = out.index_add(0, idx, y)
+        return out
 
     def all_experts(self, x: Tensor) -> Tensor:
         """Every expert on every token: (n, d_model) -> (n, E, d_model), as batched matmuls."""
@@ -99,12 +119,7 @@ class MoEFeedForward(nn.Module):
         if self.router_kind == "soft":
             out = torch.einsum("ned,ne->nd", self.experts.all_experts(tokens), routing.weights.to(tokens.dtype))
         else:
-            out = torch.zeros_like(tokens)
-            for e in range(self.num_experts):
-                idx = routing.weights[:, e].nonzero().squeeze(-1)
-                if idx.numel():
-                    w = routing.weights[idx, e, None].to(tokens.dtype)
-                    out.index_add_(0, idx, self.experts.expert(e, tokens[idx]) * w)
+            out = self.experts.mix_sparse(tokens, routing.weights)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         out = out.view(l, b, d).transpose(0, 1)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import MambaMoEConfig
 from ..ops.conv import causal_conv1d, causal_conv1d_step, conv_state_at
+from ..ops.kernels import ssd_chunked_triton, triton_supports
 from ..ops.ssd import ssd_chunked, ssd_step
 from .cache import MambaState
 from .norms import GatedRMSNorm
@@ -93,8 +94,11 @@ class Mamba2Mixer(nn.Module):
             conv_out, conv_final = causal_conv1d(xbc, weight, self.conv1d.bias,
                                                  None if state is None else state.conv)
             x, B, C = self._split_xbc(F.silu(conv_out))
-            y, ssm_final = ssd_chunked(x, dt, A, B, C, self.chunk_size, self.D,
-                                       None if state is None else state.ssm)
+            init = None if state is None else state.ssm
+            if x.is_cuda and triton_supports(x, B, self.chunk_size):  # the Triton kernels; same math
+                y, ssm_final = ssd_chunked_triton(x, dt, A, B, C, self.chunk_size, self.D, init)
+            else:
+                y, ssm_final = ssd_chunked(x, dt, A, B, C, self.chunk_size, self.D, init)
             if state is not None:
                 if mask is not None:  # right padding: the conv state ends at each row's last real token
                     positions = torch.arange(l, device=hidden.device).expand(b, l)
