@@ -1,0 +1,204 @@
+"""``mamba-moe generate``, ``chat`` and ``serve``: inference from a checkpoint directory.
+
+    mamba-moe generate ckpt/ "Once upon a time" --max-tokens 64 --temperature 0.8 --seed 1
+    mamba-moe chat ckpt/ --system "You are concise."
+    mamba-moe serve ckpt/ --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+
+from .sampling import SamplingParams
+
+CHAT_HELP = "commands: /exit (or Ctrl-D) quits, /clear forgets the conversation, /system <text> sets the system prompt"
+PROMPT = ">>> "
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory: config.json, model.safetensors, tokenizer files")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: int8 weights for faster CPU decoding (experimental; float32 CPU models)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most ({max_tokens})")
+    group.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          stop=tuple(args.stop), seed=args.seed)
+
+
+def load_engine(args: argparse.Namespace) -> Any:
+    from .engine import Engine
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: must be a positive integer (got {args.threads})")
+        torch.set_num_threads(args.threads)
+    engine = Engine.from_pretrained(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype],
+                                    prefill_chunk=args.prefill_chunk)
+    if args.quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(engine.model)
+    return engine
+
+
+# ---- generate ------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    engine = load_engine(args)
+    params = sampling_params(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = engine.chat_prompt(messages + [{"role": "user", "content": prompt}])
+    else:
+        ids = engine.encode(prompt)
+    if not args.no_echo and not args.chat:
+        print(prompt, end="", flush=True)
+    for event in engine.stream(ids, params):
+        print(event.text, end="", flush=True)
+    print()
+    return 0
+
+
+# ---- chat ----------------------------------------------------------------------------------------
+class ChatSession:
+    """The conversation of one terminal chat: a system prompt and alternating turns, trimmed to fit."""
+
+    def __init__(self, engine: Any, params: SamplingParams, system: str | None = None) -> None:
+        self.engine = engine
+        self.params = params
+        self.system = system
+        self.turns: list[dict[str, str]] = []
+
+    def messages(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+    def prompt_ids(self) -> list[int]:
+        """The templated conversation; the oldest turns are dropped while it does not fit the context."""
+        while True:
+            ids = self.engine.chat_prompt(self.messages())
+            if len(ids) + self.params.max_tokens <= self.engine.max_context or len(self.turns) <= 1:
+                return ids
+            self.turns = self.turns[2:] if len(self.turns) > 2 else self.turns[1:]
+
+    def reply(self, user_text: str, write: Any) -> str:
+        """Stream the assistant's answer through ``write``; the turn is kept only if it completes."""
+        self.turns.append({"role": "user", "content": user_text})
+        parts: list[str] = []
+        try:
+            for event in self.engine.stream(self.prompt_ids(), self.params):
+                parts.append(event.text)
+                write(event.text)
+        except (KeyboardInterrupt, ValueError):
+            self.turns.pop()
+            raise
+        text = "".join(parts)
+        self.turns.append({"role": "assistant", "content": text})
+        return text
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    session = ChatSession(load_engine(args), sampling_params(args), args.system)
+    print(f"mamba-moe chat: {args.checkpoint}\n{CHAT_HELP}")
+    while True:
+        try:
+            line = input(PROMPT)
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command == "/exit":
+                return 0
+            if command == "/clear":
+                session.turns.clear()
+                print("(conversation cleared)")
+            elif command == "/system":
+                session.system = rest.strip() or None
+                print("(system prompt set)" if session.system else "(system prompt removed)")
+            else:
+                print(f"unknown command {command!r}; {CHAT_HELP}")
+            continue
+        try:
+            session.reply(line, _out)
+        except KeyboardInterrupt:
+            print("\n(interrupted)")
+            continue
+        except ValueError as err:
+            print(f"error: {err}")
+            continue
+        print()
+
+
+# ---- serve ---------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(args)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``generate``, ``chat`` and ``serve`` to the ``mamba-moe`` command."""
+    gen = subparsers.add_parser("generate", help="complete a prompt from a checkpoint directory")
+    add_model_args(gen)
+    gen.add_argument("prompt", nargs="?", help="prompt text (default: read standard input)")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    gen.add_argument("--system", help="system prompt (with --chat)")
+    gen.add_argument("--no-echo", action="store_true", help="print only the completion, not the prompt")
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = subparsers.add_parser("chat", help="interactive terminal chat with a checkpoint")
+    add_model_args(chat)
+    chat.add_argument("--system", help="system prompt")
+    add_sampling_args(chat, max_tokens=512)
+    chat.set_defaults(func=cmd_chat)
+
+    srv = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server for a checkpoint")
+    add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    srv.add_argument("--model-name", help="model id reported by /v1/models (default: the directory name)")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most before 503")
+    srv.add_argument("--max-prompt-tokens", type=int, default=None,
+                     help="longest prompt accepted (default: the model's context minus one)")
+    srv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    srv.set_defaults(func=cmd_serve)

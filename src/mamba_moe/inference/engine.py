@@ -1,0 +1,131 @@
+"""The generation engine: prompts (text or ids) in, completions or token-by-token streams out.
+
+    engine = Engine.from_pretrained("ckpt/")
+    print(engine.generate("Once upon a time", SamplingParams(max_tokens=64, temperature=0.8)).text)
+    for event in engine.stream("Once upon a time"):
+        print(event.text, end="", flush=True)
+
+Prompts of one ``generate`` call run as one continuously batched decode (left-padded prefill on a
+fresh cache, in chunks of ``prefill_chunk`` tokens; finished rows leave, waiting prompts join).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..model.lm import MambaMoEForCausalLM
+from .batch import DecodeBatch
+from .chat import render_chat
+from .checkpoint import end_token_ids, load_checkpoint
+from .request import Completion, Request, StreamEvent
+from .sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class Engine:
+    """Generation from one model (and optionally its tokenizer, needed for text prompts and output).
+
+    ``max_context``: prompt + output tokens per sequence (default: the config's
+    ``max_position_embeddings``); generation stops with finish_reason "length" there.
+    """
+
+    def __init__(self, model: MambaMoEForCausalLM, tokenizer: Any = None, *, prefill_chunk: int = 512,
+                 max_context: int | None = None, max_batch: int = 16) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch: must be a positive integer (got {max_batch!r})")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
+        self.max_batch = max_batch
+        self.max_context = max_context or model.config.max_position_embeddings
+        self.end_ids = end_token_ids(tokenizer, model.config.eos_token_id)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, **kwargs: Any) -> Engine:
+        model, tokenizer = load_checkpoint(path, device=device, dtype=dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    # ---- prompts ---------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text is tokenized as is (special tokens in it are recognised)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text prompts need a tokenizer; pass token ids or give the engine one")
+            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = list(prompt)
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt: expected text or a list of integer token ids")
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
+        return ids
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the chat template, ending in the assistant prompt."""
+        if self.tokenizer is None:
+            raise ValueError("messages: chat needs a tokenizer")
+        return self.encode(render_chat(self.tokenizer, messages))
+
+    def request(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+        """A validated request for the batch; errors (ValueError) name what is wrong."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("prompt: empty; give at least one token")
+        if len(ids) >= self.max_context:
+            raise ValueError(f"prompt: {len(ids)} tokens, but the context holds {self.max_context} "
+                             "(prompt + output); shorten the prompt")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.end_ids)
+        return Request(ids, params, stop_ids=stop_ids, tokenizer=self.tokenizer,
+                       vocab_size=self.model.config.vocab_size, max_length=self.max_context)
+
+    # ---- running ---------------------------------------------------------------------------------
+    def run(self, requests: list[Request]) -> Iterator[StreamEvent]:
+        """Events of all ``requests`` as they happen, at most ``max_batch`` decoding at once."""
+        waiting = deque(requests)
+        batch = DecodeBatch(self.model, self.prefill_chunk)
+        while waiting or len(batch):
+            room = self.max_batch - len(batch)
+            if waiting and room > 0:
+                yield from batch.add([waiting.popleft() for _ in range(min(room, len(waiting)))])
+            yield from batch.step()
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> Completion | list[Completion]:
+        """Complete one prompt (returns a Completion) or a list of prompts (returns a list, in order).
+
+        A prompt is text or a list of token ids; a 1-D / 2-D tensor of ids counts as one / several prompts.
+        """
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and
+                                              (not prompts or isinstance(prompts[0], int)))
+        prompt_list = [prompts] if single else list(prompts)
+        param_list = params if isinstance(params, list) else [params] * len(prompt_list)
+        if len(param_list) != len(prompt_list):
+            raise ValueError(f"params: {len(param_list)} given for {len(prompt_list)} prompts")
+        requests = [self.request(p, s) for p, s in zip(prompt_list, param_list, strict=True)]
+        for _ in self.run(requests):
+            pass
+        completions = [r.completion() for r in requests]
+        return completions[0] if single else completions
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """Yield one event per generated token (text delta + token ids); the last has finish_reason set."""
+        yield from self.run([self.request(prompt, params)])
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> Completion:
+        return self.generate(self.chat_prompt(messages), params)
+
+    def stream_chat(self, messages: list[dict[str, str]],
+                    params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        return self.stream(self.chat_prompt(messages), params)

@@ -1,0 +1,237 @@
+"""The OpenAI HTTP API as plain functions: request bodies -> validated requests, events -> response JSON.
+
+No web framework here, so the rules can be read (and tested) on their own. Every rejection is an
+``APIError`` with the HTTP status and a message that names the offending field, shaped like OpenAI's
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .chat import check_messages, render_chat
+from .sampling import SamplingParams
+
+MAX_STOP_STRINGS = 4
+# Accepted and ignored when they hold their default (clients send them routinely).
+_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "n": 1, "logprobs": None, "echo": False,
+            "best_of": 1, "logit_bias": None, "top_logprobs": None, "tools": None, "tool_choice": None,
+            "response_format": None, "suffix": None, "parallel_tool_calls": None}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a server accepts: prompt length, generation length and the model's context."""
+
+    max_prompt_tokens: int
+    max_tokens_limit: int
+    context: int
+
+
+@dataclass
+class ParsedRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+# ---- field readers -------------------------------------------------------------------------------------
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param)
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(name, f"expected a number, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise _bad(name, f"must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, f"expected an integer, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise _bad(name, f"must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise _bad(name, f"must be <= {high}, got {value}")
+    return value
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(name, f"expected true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise _bad("stop", "expected a non-empty string or a list of non-empty strings")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise _bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    return tuple(stops)
+
+
+def _unsupported(body: dict) -> None:
+    for name, neutral in _NEUTRAL.items():
+        value = body.get(name)
+        if value is None or value == neutral or (neutral in (None, False) and not value):
+            continue  # absent, or the neutral value (false / empty count as "off")
+        raise _bad(name, f"not supported by this server (only {neutral!r})")
+
+
+def check_body(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise APIError(400, "request body: expected a JSON object")
+    return body
+
+
+def check_model(body: dict, served: str) -> None:
+    model = body.get("model")
+    if model is None:
+        raise _bad("model", "missing; this server serves " + repr(served))
+    if not isinstance(model, str):
+        raise _bad("model", f"expected a string, got {type(model).__name__}")
+    if model != served:
+        raise APIError(404, f"model: {model!r} does not exist; this server serves {served!r}", "model",
+                       code="model_not_found")
+
+
+# ---- requests ------------------------------------------------------------------------------------------
+def _prompt_ids_of_completion(body: dict, engine: Any) -> list[int]:
+    if "prompt" not in body or body["prompt"] is None:
+        raise _bad("prompt", "missing; give a string (or a list of token ids)")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]                     # a batch of one
+    if isinstance(prompt, str):
+        return engine.encode(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        try:
+            return engine.encode(prompt)
+        except ValueError as err:
+            raise _bad("prompt", str(err).removeprefix("prompt: ")) from err
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
+        raise _bad("prompt", "one prompt per request; send several requests (they are batched)")
+    raise _bad("prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def parse_request(body: Any, engine: Any, limits: Limits, served: str, chat: bool) -> ParsedRequest:
+    """Validate an OpenAI ``/v1/chat/completions`` (chat=True) or ``/v1/completions`` body."""
+    body = check_body(body)
+    check_model(body, served)
+    _unsupported(body)
+    if chat:
+        if "messages" not in body or body["messages"] is None:
+            raise _bad("messages", "missing; give a list of {role, content} messages")
+        try:
+            messages = check_messages(body["messages"])
+        except ValueError as err:
+            raise APIError(400, str(err), "messages") from err
+        prompt_ids = engine.encode(render_chat(engine.tokenizer, messages))
+    else:
+        prompt_ids = _prompt_ids_of_completion(body, engine)
+    if not prompt_ids:
+        raise _bad("prompt" if not chat else "messages", "empty prompt")
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        raise _bad("messages" if chat else "prompt",
+                   f"the prompt is {len(prompt_ids)} tokens, longer than the {limits.max_prompt_tokens} this "
+                   "server accepts")
+
+    room = limits.context - len(prompt_ids)
+    token_field = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    default = min(limits.max_tokens_limit, room) if chat else min(16, room)
+    max_tokens = _integer(body, token_field, default, 1, limits.max_tokens_limit)
+    if max_tokens > room:
+        raise _bad(token_field, f"the context holds {limits.context} tokens; the prompt uses {len(prompt_ids)}, "
+                   f"so at most {room} can be generated, but {max_tokens} were requested")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise _bad("stream_options", "expected an object")
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
+            top_k=_integer(body, "top_k", 0, 0) or 0,
+            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 1e-3, 100.0),
+            stop=_stop(body),
+            seed=_integer(body, "seed", None, -(2**63), 2**64 - 1),
+            ignore_eos=_boolean(body, "ignore_eos", False),
+        )
+    except ValueError as err:
+        raise APIError(400, str(err)) from err
+    return ParsedRequest(prompt_ids, params, _boolean(body, "stream", False),
+                         _boolean(stream_options, "include_usage", False))
+
+
+# ---- responses -----------------------------------------------------------------------------------------
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def finish(reason: str | None) -> str | None:
+    return {"abort": "stop"}.get(reason, reason) if reason else None
+
+
+def response(chat: bool, rid: str, model: str, text: str, reason: str, prompt_tokens: int,
+             completion_tokens: int) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish(reason), "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk(chat: bool, rid: str, model: str, text: str | None, reason: str | None, first: bool = False,
+          usage_: dict[str, int] | None = None) -> dict[str, Any]:
+    """One SSE chunk; with ``usage_`` the final usage-only chunk (choices empty)."""
+    base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model}
+    if usage_ is not None:
+        return {**base, "choices": [], "usage": usage_}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish(reason), "logprobs": None}
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text is not None:
+            delta["content"] = text
+        choice["delta"] = delta
+    else:
+        choice["text"] = text or ""
+    return {**base, "choices": [choice]}

@@ -1,0 +1,54 @@
+"""A toy checkpoint directory (tiny random model + tiny byte-level BPE tokenizer) for tests and demos.
+
+It has the layout the trainer writes (config.json, model.safetensors, HF tokenizer files) and the
+project's special tokens and ChatML template, so everything that reads checkpoints can be exercised in
+a second without a trained model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import get_preset
+from ..model.lm import MambaMoEForCausalLM
+from .chat import CHATML_TEMPLATE
+
+SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")   # ids 0, 1, 2, 3
+
+_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A small model reads text one token at a time; "
+    "state space layers carry a fixed-size memory while attention layers look back at every key. "
+    "Hello! How are you today? I am fine, thank you. What would you like to talk about? "
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100. Punctuation, quotes \"like this\" and (brackets). "
+    "Non-ASCII text: café, naïve, Größe, 東京, emoji 🙂 — all bytes in the end.\n"
+)
+
+
+def build_toy_tokenizer(text: str | None = None, vocab_size: int = 384) -> Any:
+    """A byte-level BPE tokenizer trained on ``text`` (a few KB), as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text or _TEXT * 8], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   chat_template=CHATML_TEMPLATE)
+
+
+def save_toy_checkpoint(path: str | os.PathLike, preset: str = "mamba-moe-tiny", text: str | None = None,
+                        **overrides: Any) -> Path:
+    """Write a random ``preset`` model (vocab sized to the toy tokenizer) and the tokenizer to ``path``."""
+    path = Path(path)
+    tokenizer = build_toy_tokenizer(text)
+    config = get_preset(preset, vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **overrides)
+    model = MambaMoEForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -1,0 +1,202 @@
+"""``mamba-moe serve`` as a real process on a free localhost port, driven by the official ``openai`` client.
+
+The server runs the toy checkpoint in float64, so its greedy answers can be compared token for token
+with the engine run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from mamba_moe.inference import Engine, SamplingParams
+from mamba_moe.inference.toy import save_toy_checkpoint
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+MODEL = "toy"
+MAX_TOKENS_LIMIT = 4000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # A long context, so one request can outlast many short ones by far.
+    return save_toy_checkpoint(tmp_path_factory.mktemp("toy"), max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Engine.from_pretrained(checkpoint, dtype=torch.float64)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """Start the server on port 0 (the OS picks a free one) and read the port from its first line."""
+    cmd = [sys.executable, "-m", "mamba_moe", "serve", str(checkpoint), "--port", "0", "--threads", "1",
+           "--dtype", "float64", "--model-name", MODEL, "--max-batch", "3", "--max-prompt-tokens", "120",
+           "--max-tokens-limit", str(MAX_TOKENS_LIMIT)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert match, f"server did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}"
+        url = f"http://127.0.0.1:{match.group(1)}/v1"
+        threading.Thread(target=proc.stdout.read, daemon=True).start()   # keep draining its log
+        client = openai.OpenAI(base_url=url, api_key="unused", timeout=120, max_retries=0)
+        for _ in range(300):
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.1)
+        yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def health(client) -> dict:
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    with urllib.request.urlopen(root + "/health", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.models.list().data] == [MODEL]
+    assert health(server)["status"] == "ok"
+
+
+def test_chat_completion_matches_the_engine(server, engine):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! How are you?"}]
+    reply = server.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                           n=1, logprobs=False, frequency_penalty=0, user="tester")  # neutral
+    expected = engine.chat(messages, greedy(10))
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_streaming_chat_and_completion_equal_non_streaming(server):
+    messages = [{"role": "user", "content": "Tell me about the quick brown fox."}]
+    seed = int(torch.randint(0, 2**31, ()))
+    args = dict(model=MODEL, messages=messages, max_tokens=24, temperature=1.0, seed=seed)
+    whole = server.chat.completions.create(**args).choices[0].message.content
+    chunks = list(server.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+    plain = dict(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=0.8, seed=seed)
+    whole = server.completions.create(**plain).choices[0].text
+    assert "".join(c.choices[0].text for c in server.completions.create(**plain, stream=True)) == whole
+
+
+def test_stop_strings_and_completion_prompt_as_token_ids(server, engine):
+    ids = engine.encode("The quick brown")
+    text = server.completions.create(model=MODEL, prompt=ids, max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert text == engine.generate(ids, greedy(30, ignore_eos=True)).text
+    visible = [text[i:i + 2] for i in range(1, len(text) - 2)
+               if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2]]
+    if visible:
+        stopped = server.completions.create(model=MODEL, prompt=ids, max_tokens=30, temperature=0, stop=[visible[0]],
+                                            extra_body={"ignore_eos": True})
+        assert stopped.choices[0].text == text[:text.index(visible[0])]
+        assert stopped.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(messages=openai.omit), "messages"),                                   # missing field
+    (dict(messages="hello"), "messages"),                                        # wrong type
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "role"),
+    (dict(max_tokens="ten"), "max_tokens"),
+    (dict(temperature="hot"), "temperature"),
+    (dict(max_tokens=MAX_TOKENS_LIMIT + 1), "max_tokens"),                      # over the server's limit
+    (dict(messages=[{"role": "user", "content": "many words " * 200}]), "longer than"),  # too-long prompt
+    (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(n=2), "n"),
+])
+def test_bad_requests_get_400_with_a_message(server, kwargs, field):
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(openai.BadRequestError) as info:
+        server.chat.completions.create(**args)
+    assert info.value.status_code == 400
+    assert field in info.value.message
+
+
+def test_bad_completion_requests(server):
+    with pytest.raises(openai.BadRequestError, match="prompt"):
+        server.completions.create(model=MODEL, prompt=openai.omit, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        server.completions.create(model=MODEL, prompt=[10**6], max_tokens=4)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.completions.create(model="gpt-4", prompt="hi", max_tokens=4)
+
+
+def test_concurrent_clients_are_all_answered_and_none_waits_for_a_long_one(server, engine):
+    # One long streaming request holds a slot; eight short ones (more than the batch of 3) arrive while
+    # it runs and must all be answered, correctly, while it is still running.
+    long = server.completions.create(model=MODEL, prompt="A long story:", max_tokens=MAX_TOKENS_LIMIT, temperature=0,
+                                     stream=True, extra_body={"ignore_eos": True})
+    next(iter(long))
+    prompts = [f"Question {i}: what is {i} + {i}?" for i in range(8)]
+
+    def ask(prompt: str) -> str:
+        return server.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(ask, prompts))
+    state = health(server)
+    assert state["running"] == 1, (state, f"{time.monotonic() - start:.1f}s")   # the long one is still going
+    long.close()
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer == engine.generate(prompt, greedy(6, ignore_eos=True)).text
+    wait_until_idle(server)
+
+
+def wait_until_idle(client) -> None:
+    for _ in range(200):
+        if health(client)["running"] == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the server still runs requests: {health(client)}")
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    stream = server.completions.create(model=MODEL, prompt="Hello", max_tokens=MAX_TOKENS_LIMIT, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    state = health(server)
+    assert state["running"] == 1, state
+    stream.close()
+    wait_until_idle(server)
+    assert server.completions.create(model=MODEL, prompt="Hi", max_tokens=3).choices[0].text is not None

@@ -1,0 +1,88 @@
+"""Incremental detokenization and stop strings: streamed pieces add up to the whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mamba_moe.inference.text import IncrementalDecoder, StopMatcher
+from mamba_moe.inference.toy import build_toy_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_toy_tokenizer()
+
+
+def stream(tokenizer, ids: list[int], prompt: list[int] | None = None) -> list[str]:
+    decoder = IncrementalDecoder(tokenizer, prompt)
+    return [decoder.push(t) for t in ids] + [decoder.flush()]
+
+
+def test_multibyte_characters_are_emitted_whole(tokenizer):
+    text = "Größe 東京 🙂 naïve — ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = stream(tokenizer, ids)
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_random_token_streams_decode_like_the_whole(tokenizer):
+    n = len(tokenizer)
+    for _ in range(30):
+        ids = torch.randint(0, n, (int(torch.randint(1, 40, ())),)).tolist()
+        assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids, skip_special_tokens=True)
+        # A text prompt ends on a character boundary, so its context changes nothing.
+        prompt = tokenizer("Hi there, 東京!", add_special_tokens=False)["input_ids"]
+        assert "".join(stream(tokenizer, ids, prompt)) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_string_split_across_deltas_is_cut_and_never_emitted():
+    matcher = StopMatcher(("o w",))
+    out = [matcher.add(d) for d in ["Hel", "lo ", "wor", "ld"]]
+    assert out == ["Hel", "l", "", ""]
+    assert matcher.stopped and matcher.text == "Hell"
+
+
+def test_earliest_of_several_stop_strings_wins():
+    matcher = StopMatcher(("b", "cd"))
+    assert matcher.add("xxcdxb") == "xx" and matcher.stopped
+
+
+def test_held_back_tail_is_released_at_the_end():
+    matcher = StopMatcher(("bc",))
+    assert matcher.add("ab") == "a"
+    assert matcher.finish() == "b"
+    assert not matcher.stopped
+
+
+def test_stop_at_the_very_start_gives_empty_text():
+    matcher = StopMatcher(("###",))
+    assert matcher.add("#") == "" and matcher.add("##tail") == "" and matcher.stopped and matcher.text == ""
+
+
+def cut_at_first_completed_stop(text: str, stops: tuple[str, ...], ends: list[int]) -> str:
+    """The rule, stated directly: after each piece (ending at ``ends``), if the text so far contains a
+    stop string, cut where the earliest such occurrence starts."""
+    for end in ends:
+        hits = [text[:end].find(s) for s in stops if s in text[:end]]
+        if hits:
+            return text[:min(hits)]
+    return text
+
+
+def test_streamed_pieces_follow_the_stop_rule():
+    alphabet = list("abc ")
+    for _ in range(300):
+        text = "".join(alphabet[i] for i in torch.randint(0, 4, (int(torch.randint(1, 30, ())),)))
+        stops = tuple({"".join(alphabet[i] for i in torch.randint(0, 4, (int(torch.randint(1, 4, ())),)))
+                       for _ in range(2)})
+        cuts = sorted(set(torch.randint(0, len(text) + 1, (4,)).tolist()) | {0, len(text)})
+        matcher = StopMatcher(stops)
+        out = "".join(matcher.add(text[a:b]) for a, b in zip(cuts, cuts[1:], strict=False))
+        if not matcher.stopped:
+            out += matcher.finish()
+        assert out == cut_at_first_completed_stop(text, stops, cuts[1:]), (text, stops, cuts)
+        if len(cuts) == 2:                                   # one piece: the plain "cut at the first stop"
+            hits = [text.find(s) for s in stops if s in text]
+            assert out == (text[:min(hits)] if hits else text)
