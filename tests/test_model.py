@@ -188,3 +188,13 @@ def test_config_json_is_hf_style(tmp_path):
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["model_type"] == "mamba_moe" and data["architectures"] == ["MambaMoEForCausalLM"]
     assert MambaMoEConfig.from_dict(data) == model.config
+
+
+@pytest.mark.slow
+def test_flagship_save_load_round_trip_is_exact(tmp_path):
+    model = MambaMoEForCausalLM(get_preset("mamba-moe-300m"))
+    model.save_pretrained(tmp_path)
+    loaded = MambaMoEForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
