@@ -11,7 +11,7 @@ import torch
 
 from .config import PRESETS, ConfigError, MambaMoEConfig, get_preset
 
-_SUBCOMMAND_MODULES: list[str] = ["mamba_moe.inference.cli", "mamba_moe.data.cli"]
+_SUBCOMMAND_MODULES: list[str] = ["mamba_moe.inference.cli", "mamba_moe.data.cli", "mamba_moe.training.cli"]
 
 
 def _load_config(args: argparse.Namespace) -> MambaMoEConfig:

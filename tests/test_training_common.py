@@ -1,0 +1,36 @@
+"""Shared set-up for the training tests: a tiny stdlib corpus prepared once per session, tiny configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mamba_moe.data import prepare_stdlib, stdlib_tokenizer
+from mamba_moe.training import TrainConfig
+
+
+def tiny_corpus(root: Path) -> tuple[Path, Path]:
+    """(tokenizer dir, shards dir): a 512-id stdlib tokenizer on 300 kB and 30 stdlib files as shards."""
+    tok = stdlib_tokenizer(vocab_size=512, max_bytes=300_000, cache_dir=root / "tok")
+    shards = root / "shards"
+    prepare_stdlib(tok.name_or_path, shards, max_docs=30, workers=1, val_fraction=0.2)
+    return Path(tok.name_or_path), shards
+
+
+def tiny_config(corpus: tuple[Path, Path], output: Path, **changes: Any) -> TrainConfig:
+    tok, shards = corpus
+    data = {"model": {"preset": "mamba-moe-tiny", "overrides": {"vocab_size": 512}},
+            "data": {"source": "shards", "path": str(shards), "tokenizer": str(tok)},
+            "seq_len": 32, "batch_size": 2, "lr": 3e-3, "min_lr": 3e-4, "warmup": 2, "max_steps": 6,
+            "eval_every": 3, "eval_batches": 2, "save_every": 2, "keep_last": 2, "output": str(output),
+            "progress": False, "threads": 1, "sample_tokens": 8}
+    data.update(changes)
+    return TrainConfig.from_dict(data)
+
+
+def test_tiny_corpus_has_both_splits(tmp_path: Path) -> None:
+    from mamba_moe.data import PackedDataset
+
+    tok, shards = tiny_corpus(tmp_path)
+    assert len(PackedDataset(shards, 32, "train")) > 10
+    assert len(PackedDataset(shards, 32, "val")) >= 2

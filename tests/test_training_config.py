@@ -1,0 +1,45 @@
+"""TrainConfig: YAML with a preset base, dotted key=value overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from mamba_moe.config import ConfigError
+from mamba_moe.training import TrainConfig
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_with_overrides(tmp_path) -> None:
+    path = _write(tmp_path, "model:\n  preset: mamba-moe-tiny\nlr: 0.001\nmin_lr: 0.0001\n")
+    cfg = TrainConfig.load(path, ["lr=2e-3", "model.overrides.d_model=96", "data.vocab_size=1024",
+                                  "betas=[0.8, 0.9]", "compile=true"])
+    assert cfg.lr == 2e-3 and cfg.betas == [0.8, 0.9] and cfg.compile is True
+    assert cfg.data.vocab_size == 1024
+    assert cfg.model.build().d_model == 96
+
+
+@pytest.mark.parametrize("text, overrides, needle", [
+    ("lr: 0.001\nmax_step: 3\n", [], "did you mean 'max_steps'"),
+    ("lr: 0.001\n", ["data.vocab_sise=12"], "did you mean 'vocab_size'"),
+    ("lr: 0.001\n", ["warmpu=3"], "did you mean 'warmup'"),
+    ("schedule: cosin\n", [], "did you mean 'cosine'"),
+    ("model:\n  preset: mamba-moe-smal\n", [], "did you mean 'mamba-moe-small'"),
+    ("lr: 0.001\nmin_lr: 0.01\n", [], "min_lr"),
+    ("lr: 0.001\n", ["batch_size=0"], "batch_size"),
+    ("lr: 0.001\n", ["nokey"], "key=value"),
+])
+def test_errors_name_the_key(tmp_path, text, overrides, needle) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig.load(_write(tmp_path, text), overrides).model.build()
+
+
+def test_shipped_configs_load() -> None:
+    demo = TrainConfig.load("configs/train/demo.yaml")
+    assert demo.model.build().vocab_size == demo.data.vocab_size
+    flagship = TrainConfig.load("configs/train/stage1_pretrain.yaml")
+    assert flagship.model.build().d_model == 1024 and flagship.schedule == "wsd"
