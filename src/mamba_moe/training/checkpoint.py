@@ -16,12 +16,13 @@ from __future__ import annotations
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_directory
 
 STATE_NAME = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -63,26 +64,14 @@ def save_checkpoint(root: str | Path, step: int, model: Any, tokenizer: Any, sta
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
+    with atomic_directory(final) as tmp:  # a step written again (a resumed run) is replaced whole
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "train_config.yaml").write_text(config_yaml)
         torch.save(state, tmp / STATE_NAME)
-        if final.exists():  # same step written again (a resumed run): replace it whole
-            old = root / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for stale in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
-    for leftover in root.glob(".tmp-step-*"):  # from a run killed mid-write
+    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # from a run killed mid-write
         shutil.rmtree(leftover, ignore_errors=True)
     return final
 
