@@ -18,6 +18,15 @@ def fresh_seed(request):
     yield seed
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one thread: tiny models decode faster so, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|; NaN anywhere counts as infinitely wrong."""
     if torch.isnan(actual).any() or torch.isnan(expected).any():

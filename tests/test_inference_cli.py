@@ -15,13 +15,7 @@ from mamba_moe.inference.toy import save_toy_checkpoint
 pexpect = pytest.importorskip("pexpect")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; on a busy 2-core machine, much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

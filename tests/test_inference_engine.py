@@ -34,13 +34,7 @@ def argmax_by_full_forwards(model: MambaMoEForCausalLM, prompt: list[int], n: in
     return seq[len(prompt):]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode faster on one thread; on a busy 2-core machine, much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ if "fbgemm" not in torch.backends.quantized.supported_engines:
     pytest.skip("int8 decoding needs the fbgemm engine (x86)", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; on a busy 2-core machine, much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("router", ["soft", "topk"])
