@@ -32,9 +32,9 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _machine import append_markdown, cpu_name
 
 from mamba_moe.config import get_preset
 from mamba_moe.inference import Engine, SamplingParams
@@ -49,15 +49,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return f"GPU, {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU, {name}, {os.cpu_count()} logical cores"
+    return f"CPU, {cpu_name()}, {os.cpu_count()} logical cores"
 
 
 def sync(device: str) -> None:
@@ -213,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     text += "".join("\n" + p for p in profiles)
     print(text)
     if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text)
+        append_markdown(args.append, text)
     return 0
 
 

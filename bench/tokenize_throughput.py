@@ -33,6 +33,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from _machine import append_markdown, cpu_name  # noqa: E402
+
 from mamba_moe.data.encode import DocumentEncoder  # noqa: E402
 from mamba_moe.data.sources import stdlib_files  # noqa: E402
 from mamba_moe.data.tokenizer import (  # noqa: E402
@@ -43,16 +45,6 @@ from mamba_moe.data.tokenizer import (  # noqa: E402
     stdlib_tokenizer,
     tokenizer_hash,
 )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def read_corpus(include_tests: bool) -> list[str]:
@@ -185,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     env = [
         f"- date: {now}",
-        f"- device: CPU, {cpu_model()}, {os.cpu_count()} logical cores; load average (1 min) "
+        f"- device: CPU, {cpu_name()}, {os.cpu_count()} logical cores; load average (1 min) "
         f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after",
         f"- Python {platform.python_version()}, tokenizers {__import__('tokenizers').__version__}, "
         f"regex {__import__('regex').__version__}",
@@ -198,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "### Tokenization throughput (embedded corpus)\n\n" + "\n".join(env) + "\n\n" + table + "\n"
     print(text)
     if args.append is not None:
-        with args.append.open("a") as fh:
-            fh.write("\n" + text)
+        append_markdown(str(args.append), text)
         print(f"appended to {args.append}", file=sys.stderr)
     return 0
 

@@ -16,21 +16,11 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from _machine import append_markdown, cpu_name
 
 from mamba_moe.training import TrainConfig, Trainer
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def measure(cfg: TrainConfig, threads: int, steps: int, repeats: int) -> list[float]:
@@ -85,8 +75,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text)
+        append_markdown(args.append, text)
     return 0
 
 
