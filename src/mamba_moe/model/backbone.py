@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import MambaMoEConfig
 from ..ops.rope import rope_cos_sin, rope_inv_freq
@@ -50,6 +51,8 @@ class MambaMoEBackbone(nn.Module):
             inv_freq, self.rope_attention_factor = rope_inv_freq(config.head_dim, config.rope_theta,
                                                                  config.rope_scaling)
             self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        # Recompute each layer in backward instead of storing its activations (set by trainers; off by default).
+        self.gradient_checkpointing = False
         init_weights(self, config)
 
     def new_cache(self, batch_size: int, device: torch.device | None = None,
@@ -83,8 +86,12 @@ class MambaMoEBackbone(nn.Module):
             attn_mask = allowed[:, None]
         return LayerInputs(mask, cos, sin, attn_mask)
 
-    def run(self, hidden: Tensor, mask: Tensor | None = None, cache: HybridCache | None = None) -> BackboneOutput:
-        """The full forward: hidden states, the summed weighted router losses and per-layer stats."""
+    def run(self, hidden: Tensor, mask: Tensor | None = None, cache: HybridCache | None = None,
+            expert_targets: Tensor | None = None) -> BackboneOutput:
+        """The full forward: hidden states, the summed weighted router losses and per-layer stats.
+
+        ``expert_targets`` (b, l) long, -1 = none: a preferred expert per token for domain-guided routing.
+        """
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.d_model:
             raise ValueError(f"x: expected (batch, seq, {self.config.d_model}), got shape {tuple(hidden.shape)}")
         if not hidden.is_floating_point():
@@ -94,10 +101,19 @@ class MambaMoEBackbone(nn.Module):
         if cache is not None and cache.batch_size != b:
             raise ValueError(f"cache: built for batch size {cache.batch_size}, called with batch size {b}")
         inputs = self._layer_inputs(hidden, mask, cache)
+        if expert_targets is not None:
+            if expert_targets.shape != (b, l) or expert_targets.is_floating_point():
+                raise ValueError(f"expert_targets: expected a ({b}, {l}) integer tensor, got "
+                                 f"{tuple(expert_targets.shape)} {expert_targets.dtype}")
+            inputs.expert_targets = expert_targets
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         aux = hidden.new_zeros((), dtype=torch.float32)
         stats = []
         for i, layer in enumerate(self.layers):
-            hidden, layer_aux, layer_stats = layer(hidden, inputs, None if cache is None else cache.layers[i])
+            if recompute:
+                hidden, layer_aux, layer_stats = checkpoint(layer, hidden, inputs, None, use_reentrant=False)
+            else:
+                hidden, layer_aux, layer_stats = layer(hidden, inputs, None if cache is None else cache.layers[i])
             if layer_aux is not None:
                 aux = aux + layer_aux
                 stats.append(layer_stats)

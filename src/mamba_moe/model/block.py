@@ -22,6 +22,7 @@ class LayerInputs:
     cos: Tensor | None           # RoPE tables (b, l, head_dim); None when the model has no attention
     sin: Tensor | None
     attn_mask: Tensor | None     # (b, 1, l, t) bool; None = plain causal over this chunk alone
+    expert_targets: Tensor | None = None  # (b, l) long preferred expert per token, -1 = none (training only)
 
 
 class HybridBlock(nn.Module):
@@ -48,7 +49,7 @@ class HybridBlock(nn.Module):
             hidden = hidden + self.mixer(x, inputs.cos, inputs.sin, inputs.attn_mask, state)
         aux, stats = None, None
         if self.ffn_kind == "moe":
-            out, aux, stats = self.ffn(self.ffn_norm(hidden), inputs.mask)
+            out, aux, stats = self.ffn(self.ffn_norm(hidden), inputs.mask, inputs.expert_targets)
             hidden = hidden + out
         elif self.ffn_kind == "dense":
             hidden = hidden + self.ffn(self.ffn_norm(hidden))

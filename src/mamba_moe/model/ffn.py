@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MambaMoEConfig
-from ..ops.moe import load_balancing_loss, route, router_z_loss
+from ..ops.moe import domain_routing_loss, load_balancing_loss, route, router_z_loss
 
 
 class FeedForward(nn.Module):
@@ -80,12 +80,14 @@ class ExpertBank(nn.Module):
 
 @dataclass
 class RouterStats:
-    """Per-layer routing facts for logging: tokens per expert (after capacity) and tokens dropped."""
+    """Per-layer routing facts: tokens per expert (after capacity) and tokens dropped, for logging; and the
+    domain-guided routing loss (with gradient) when expert targets were given, for the trainer to weight."""
 
     tokens_per_expert: Tensor
     dropped_tokens: Tensor
     balance_loss: Tensor
     z_loss: Tensor
+    domain_loss: Tensor | None = None
 
 
 class MoEFeedForward(nn.Module):
@@ -106,8 +108,13 @@ class MoEFeedForward(nn.Module):
         self.shared_expert = (FeedForward(config.d_model, config.moe_shared_expert_hidden_size, config.ffn_activation)
                               if config.moe_shared_expert_hidden_size else None)
 
-    def forward(self, hidden: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, RouterStats]:
-        """hidden (b, l, d) -> (output, weighted aux loss, stats). Padding (mask False) is not routed."""
+    def forward(self, hidden: Tensor, mask: Tensor | None = None,
+                expert_targets: Tensor | None = None) -> tuple[Tensor, Tensor, RouterStats]:
+        """hidden (b, l, d) -> (output, weighted aux loss, stats). Padding (mask False) is not routed.
+
+        ``expert_targets`` (b, l), -1 = none: the domain-guided routing loss is the router's cross-entropy
+        toward each token's preferred expert (a nudge: the router stays free to choose otherwise).
+        """
         b, l, d = hidden.shape
         # Position-major token order, so Switch capacity is granted to earlier positions first.
         tokens = hidden.transpose(0, 1).reshape(l * b, d)
@@ -130,5 +137,7 @@ class MoEFeedForward(nn.Module):
         stats = RouterStats(tokens_per_expert=(routing.weights > 0).sum(0).detach() if self.router_kind != "soft"
                             else routing.assigned.sum(0).detach(),
                             dropped_tokens=routing.dropped.sum().detach(),
-                            balance_loss=balance.detach(), z_loss=z.detach())
+                            balance_loss=balance.detach(), z_loss=z.detach(),
+                            domain_loss=None if expert_targets is None else domain_routing_loss(
+                                logits, expert_targets.transpose(0, 1).reshape(l * b), valid))
         return out, aux, stats

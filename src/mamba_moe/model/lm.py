@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..config import MambaMoEConfig
+from ..ops.cross_entropy import IGNORE_INDEX, lm_cross_entropy
 from .backbone import MambaMoEBackbone, check_mask
 from .cache import HybridCache
 from .embedding import TokenEmbedding
@@ -25,7 +26,7 @@ CONFIG_NAME = "config.json"
 
 @dataclass
 class CausalLMOutput:
-    logits: Tensor
+    logits: Tensor | None              # None when the loss was asked for without logits
     loss: Tensor | None = None         # the language-model loss alone
     aux_loss: Tensor | None = None     # router losses, already weighted by the config's coefficients
     router_stats: list[RouterStats] = field(default_factory=list)
@@ -55,27 +56,58 @@ class MambaMoEForCausalLM(nn.Module):
                                  f"got values in [{low}, {high}]")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                cache: HybridCache | None = None) -> CausalLMOutput:
-        """Logits for every position; the LM loss when labels are given (shifted inside, -100 ignored).
+                cache: HybridCache | None = None, targets: Tensor | None = None,
+                expert_targets: Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
+        """Logits for every position, and the LM loss when ``labels`` or ``targets`` are given.
 
-        With ``cache`` (from ``new_cache``), successive calls continue the same sequences.
+        - ``labels`` (b, l): HF convention, shifted inside (position t predicts labels[t + 1]); -100 ignored.
+        - ``targets`` (b, l): already aligned (position t predicts targets[t]); -100 ignored. With
+          ``return_logits=False`` the loss is computed in chunks and the full logits never exist
+          (``logits`` is None): what long training batches want.
+        - ``expert_targets`` (b, l) long: a preferred routed expert per token (-1 = none) for the optional
+          domain-guided routing loss; each MoE layer reports it as ``RouterStats.domain_loss``.
+        - ``cache`` (from ``new_cache``): successive calls continue the same sequences.
         """
         self._check_ids(input_ids)
         b, l = input_ids.shape
         attention_mask = check_mask(attention_mask, b, l, "attention_mask")
-        out = self.backbone.run(self.embed(input_ids), attention_mask, cache)
-        logits = self.embed.logits(out.hidden) if self.lm_head is None else self.lm_head(out.hidden)
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, "
-                                 f"got {tuple(labels.shape)}")
+        if labels is not None and targets is not None:
+            raise ValueError("labels and targets: give one of them, not both")
+        for name, value in (("labels", labels), ("targets", targets), ("expert_targets", expert_targets)):
+            if value is not None and value.shape != input_ids.shape:
+                raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} like input_ids, "
+                                 f"got {tuple(value.shape)}")
+        if expert_targets is not None and expert_targets.device.type == "cpu" and expert_targets.numel():
+            n = self.config.moe_num_experts
+            if int(expert_targets.min()) < -1 or int(expert_targets.max()) >= n:
+                raise ValueError(f"expert_targets: values must be -1 (none) or an expert index in [0, {n}), got "
+                                 f"[{int(expert_targets.min())}, {int(expert_targets.max())}]")
+        if not return_logits and labels is None and targets is None:
+            raise ValueError("return_logits=False needs labels or targets (there would be nothing to return)")
+        out = self.backbone.run(self.embed(input_ids), attention_mask, cache, expert_targets=expert_targets)
+        if labels is not None:  # to the aligned form: position t predicts labels[t + 1]; padding is no target
             if attention_mask is not None:
-                labels = labels.masked_fill(~attention_mask, -100)
-            loss_dtype = torch.promote_types(logits.dtype, torch.float32)
-            loss = F.cross_entropy(logits[:, :-1].to(loss_dtype).reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+                labels = labels.masked_fill(~attention_mask, IGNORE_INDEX)
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        if targets is not None and attention_mask is not None:  # a padded position predicts nothing
+            targets = targets.masked_fill(~attention_mask, IGNORE_INDEX)
+        logits = self.head(out.hidden) if return_logits else None
+        loss = None
+        if targets is not None:
+            if logits is not None:
+                loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
+                                       targets.flatten(), ignore_index=IGNORE_INDEX)
+            else:
+                loss = lm_cross_entropy(out.hidden.flatten(0, 1), self.head, targets.flatten())
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, router_stats=out.router_stats)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """The output head: hidden (..., d_model) -> logits (..., vocab)."""
+        return self.embed.logits(hidden) if self.lm_head is None else self.lm_head(hidden)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer's activations in backward (less memory, about a third more compute)."""
+        self.backbone.gradient_checkpointing = enabled
 
     def new_cache(self, batch_size: int, device: torch.device | None = None,
                   dtype: torch.dtype | None = None) -> HybridCache:

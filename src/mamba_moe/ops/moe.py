@@ -93,3 +93,18 @@ def router_z_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
     if valid is None:
         return z.mean()
     return (z * valid).sum() / valid.sum().clamp(min=1)
+
+
+def domain_routing_loss(logits: Tensor, expert_targets: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean router cross-entropy toward each token's preferred expert; tokens with target -1 (or padding) skip.
+
+    Written without boolean indexing so it never synchronises with the GPU; zero when no token has a target.
+    """
+    N, E = logits.shape
+    if expert_targets.shape != (N,):
+        raise ValueError(f"expert_targets: expected ({N},), got {tuple(expert_targets.shape)}")
+    use = expert_targets >= 0
+    if valid is not None:
+        use = use & valid
+    nll = F.cross_entropy(logits, expert_targets.clamp(0, E - 1), reduction="none")
+    return (nll * use).sum() / use.sum().clamp(min=1)
