@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mamba_moe.config import PRESETS, ConfigError, MambaMoEConfig, get_preset
@@ -73,3 +75,29 @@ def test_unknown_preset_and_bad_files(tmp_path):
         MambaMoEConfig.load(tmp_path / "typo.yaml")
     with pytest.raises(ConfigError, match="not found"):
         MambaMoEConfig.load(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize("preset", ["mamba-moe-tiny", "mamba-r1"])
+def test_config_json_round_trip_uses_rope_parameters(tmp_path, preset):
+    cfg = get_preset(preset)
+    cfg.save(tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_scaling" not in data and data["rope_parameters"]["rope_theta"] == cfg.rope_theta
+    assert MambaMoEConfig.load(tmp_path / "config.json") == cfg
+
+
+def test_legacy_rope_scaling_in_config_json_still_loads(tmp_path):
+    cfg = get_preset("mamba-moe-tiny")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba_moe", **cfg.to_dict()}))
+    assert MambaMoEConfig.load(tmp_path) == cfg
+
+
+def test_auto_tokenizer_reads_a_checkpoint_directory(tmp_path):
+    """Generic tools (lm-eval, transformers pipelines) parse config.json without knowing our model type."""
+    from transformers import AutoTokenizer
+
+    from mamba_moe.inference.toy import save_toy_checkpoint
+
+    path = save_toy_checkpoint(tmp_path / "ckpt")
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.decode(tok.encode("def f(x): return x")) == "def f(x): return x"

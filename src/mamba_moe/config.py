@@ -226,6 +226,13 @@ class MambaMoEConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"config: expected a mapping of field names to values, got {type(data).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
+        if "rope_parameters" in data:  # config.json's form (see to_hf_dict)
+            data = dict(data)
+            rope = dict(data.pop("rope_parameters") or {})
+            if "rope_theta" in rope:
+                data.setdefault("rope_theta", rope.pop("rope_theta"))
+            kind = rope.pop("rope_type", rope.pop("type", "default"))
+            data["rope_scaling"] = None if kind == "default" and not rope else {"type": kind, **rope}
         clean = {}
         for key, value in data.items():
             if key in _META_KEYS:
@@ -240,8 +247,18 @@ class MambaMoEConfig:
             raise ConfigError(f"config: {err}") from err
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The dictionary written as ``config.json`` beside the weights (HF conventions)."""
-        return {"model_type": "mamba_moe", "architectures": ["MambaMoEForCausalLM"], **self.to_dict()}
+        """The dictionary written as ``config.json`` beside the weights (HF conventions).
+
+        RoPE settings go under transformers 5's ``rope_parameters`` (``rope_type`` instead of ``type``):
+        tools that read an unknown model's config.json generically (``AutoTokenizer.from_pretrained`` on a
+        checkpoint directory does) fail on a legacy ``rope_scaling`` key. ``from_dict`` reads both.
+        """
+        data = self.to_dict()
+        scaling = data.pop("rope_scaling")
+        rope = {"rope_type": "default"} if scaling is None else {
+            "rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type"}}
+        data["rope_parameters"] = {**rope, "rope_theta": self.rope_theta}
+        return {"model_type": "mamba_moe", "architectures": ["MambaMoEForCausalLM"], **data}
 
     def save(self, path: str | Path) -> None:
         """Write YAML (``.yaml``/``.yml``) or JSON (anything else) to ``path``, atomically."""
