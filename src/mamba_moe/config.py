@@ -356,8 +356,22 @@ def _small() -> MambaMoEConfig:
     )
 
 
+def _transformer_baseline() -> MambaMoEConfig:
+    # The comparison baseline of bench/train_throughput.py: a Llama-style dense transformer (all attention,
+    # multi-head RoPE attention, SwiGLU FFN, untied head), 24 x 1024, 373.9M parameters.
+    return MambaMoEConfig(
+        vocab_size=32000, d_model=1024, n_layers=24, layer_mixers=["attention"] * 24, layer_ffns=["dense"] * 24,
+        embedding_rank=0, tie_word_embeddings=False,
+        attn_type="gqa", attn_num_heads=16, attn_num_kv_heads=16, attn_head_dim=64,
+        rope_theta=10000.0, max_position_embeddings=32768,
+        ffn_activation="swiglu", ffn_hidden_size=2816,
+        pad_token_id=0, eos_token_id=1,
+    )
+
+
 PRESETS = {
     "mamba-moe-300m": _flagship,
+    "transformer-baseline": _transformer_baseline,
     "mamba-r1": _mamba_r1,
     "mamba-moe-small": _small,
     "mamba-moe-tiny": _tiny,

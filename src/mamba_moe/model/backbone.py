@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MambaMoEConfig
 from ..ops.rope import rope_cos_sin, rope_inv_freq
+from ..ops.ssd import check_seq_idx
 from .block import HybridBlock, LayerInputs
 from .cache import HybridCache
 from .ffn import RouterStats
@@ -61,7 +62,8 @@ class MambaMoEBackbone(nn.Module):
         states = [layer.new_state(batch_size, device=device, dtype=dtype) for layer in self.layers]
         return HybridCache(states, batch_size, device)
 
-    def _layer_inputs(self, hidden: Tensor, mask: Tensor | None, cache: HybridCache | None) -> LayerInputs:
+    def _layer_inputs(self, hidden: Tensor, mask: Tensor | None, cache: HybridCache | None,
+                      seq_idx: Tensor | None = None) -> LayerInputs:
         b, l, _ = hidden.shape
         device = hidden.device
         past = 0 if cache is None else cache.seen_tokens
@@ -70,27 +72,39 @@ class MambaMoEBackbone(nn.Module):
         if cache is not None:
             cache.key_mask = key_valid
         if not self.has_attention:
-            return LayerInputs(mask, None, None, None)
+            return LayerInputs(mask, None, None, None, seq_idx=seq_idx)
 
         start = cache.positions if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
         # With left padding the first real token is position 0 (or continues the cache's count).
-        positions = (start[:, None] + torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
+        count = torch.cumsum(real.long(), dim=1)
+        if seq_idx is not None:  # positions restart at every packed document
+            index = torch.arange(l, device=device).expand(b, l)
+            new_doc = torch.ones_like(real)
+            new_doc[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+            doc_start = torch.cummax(torch.where(new_doc, index, 0), dim=1).values
+            count = count - (count - real.long()).gather(1, doc_start)
+        positions = (start[:, None] + count - 1).clamp(min=0)
         cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_attention_factor, hidden.dtype)
         attn_mask = None
-        if mask is not None or past > 0:
+        if mask is not None or past > 0 or seq_idx is not None:
             q_index = past + torch.arange(l, device=device)
             k_index = torch.arange(past + l, device=device)
             allowed = (k_index[None, :] <= q_index[:, None])[None] & key_valid[:, None, :]
+            if seq_idx is not None:  # block-diagonal: a token attends within its own document only
+                allowed = allowed & (seq_idx[:, :, None] == seq_idx[:, None, :])
             # A query always sees itself, so a padded query never has an all-masked (NaN) row.
             allowed = allowed | (k_index[None, :] == q_index[:, None])[None]
             attn_mask = allowed[:, None]
-        return LayerInputs(mask, cos, sin, attn_mask)
+        return LayerInputs(mask, cos, sin, attn_mask, seq_idx=seq_idx)
 
     def run(self, hidden: Tensor, mask: Tensor | None = None, cache: HybridCache | None = None,
-            expert_targets: Tensor | None = None) -> BackboneOutput:
+            expert_targets: Tensor | None = None, seq_idx: Tensor | None = None) -> BackboneOutput:
         """The full forward: hidden states, the summed weighted router losses and per-layer stats.
 
         ``expert_targets`` (b, l) long, -1 = none: a preferred expert per token for domain-guided routing.
+        ``seq_idx`` (b, l) integer, non-decreasing along a row: packed documents. Each document is
+        processed exactly as if alone (attention block-diagonal, positions restarting, Mamba conv and
+        state reset at its first token). Not with a cache (decode continues one document).
         """
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.d_model:
             raise ValueError(f"x: expected (batch, seq, {self.config.d_model}), got shape {tuple(hidden.shape)}")
@@ -100,7 +114,11 @@ class MambaMoEBackbone(nn.Module):
         mask = check_mask(mask, b, l)
         if cache is not None and cache.batch_size != b:
             raise ValueError(f"cache: built for batch size {cache.batch_size}, called with batch size {b}")
-        inputs = self._layer_inputs(hidden, mask, cache)
+        if seq_idx is not None:
+            if cache is not None:
+                raise ValueError("seq_idx: packed documents are for training/full forwards, not with a cache")
+            check_seq_idx(seq_idx, b, l)
+        inputs = self._layer_inputs(hidden, mask, cache, seq_idx)
         if expert_targets is not None:
             if expert_targets.shape != (b, l) or expert_targets.is_floating_point():
                 raise ValueError(f"expert_targets: expected a ({b}, {l}) integer tensor, got "

@@ -23,6 +23,7 @@ class LayerInputs:
     sin: Tensor | None
     attn_mask: Tensor | None     # (b, 1, l, t) bool; None = plain causal over this chunk alone
     expert_targets: Tensor | None = None  # (b, l) long preferred expert per token, -1 = none (training only)
+    seq_idx: Tensor | None = None         # (b, l) document index of packed rows; None = one document per row
 
 
 class HybridBlock(nn.Module):
@@ -44,7 +45,7 @@ class HybridBlock(nn.Module):
                 state: MambaState | KVState | None = None) -> tuple[Tensor, Tensor | None, RouterStats | None]:
         x = self.mixer_norm(hidden)
         if self.mixer_kind == "mamba":
-            hidden = hidden + self.mixer(x, inputs.mask, state)
+            hidden = hidden + self.mixer(x, inputs.mask, state, inputs.seq_idx)
         else:
             hidden = hidden + self.mixer(x, inputs.cos, inputs.sin, inputs.attn_mask, state)
         aux, stats = None, None

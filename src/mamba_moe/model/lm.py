@@ -57,7 +57,8 @@ class MambaMoEForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                 cache: HybridCache | None = None, targets: Tensor | None = None,
-                expert_targets: Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
+                expert_targets: Tensor | None = None, return_logits: bool = True,
+                document_ids: Tensor | None = None) -> CausalLMOutput:
         """Logits for every position, and the LM loss when ``labels`` or ``targets`` are given.
 
         - ``labels`` (b, l): HF convention, shifted inside (position t predicts labels[t + 1]); -100 ignored.
@@ -67,13 +68,17 @@ class MambaMoEForCausalLM(nn.Module):
         - ``expert_targets`` (b, l) long: a preferred routed expert per token (-1 = none) for the optional
           domain-guided routing loss; each MoE layer reports it as ``RouterStats.domain_loss``.
         - ``cache`` (from ``new_cache``): successive calls continue the same sequences.
+        - ``document_ids`` (b, l) integer, non-decreasing along each row: packed documents, each computed
+          exactly as if it were alone in its row (no attention, conv or state across a boundary;
+          positions restart). Targets across a boundary are the caller's to mask.
         """
         self._check_ids(input_ids)
         b, l = input_ids.shape
         attention_mask = check_mask(attention_mask, b, l, "attention_mask")
         if labels is not None and targets is not None:
             raise ValueError("labels and targets: give one of them, not both")
-        for name, value in (("labels", labels), ("targets", targets), ("expert_targets", expert_targets)):
+        for name, value in (("labels", labels), ("targets", targets), ("expert_targets", expert_targets),
+                            ("document_ids", document_ids)):
             if value is not None and value.shape != input_ids.shape:
                 raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} like input_ids, "
                                  f"got {tuple(value.shape)}")
@@ -84,7 +89,8 @@ class MambaMoEForCausalLM(nn.Module):
                                  f"[{int(expert_targets.min())}, {int(expert_targets.max())}]")
         if not return_logits and labels is None and targets is None:
             raise ValueError("return_logits=False needs labels or targets (there would be nothing to return)")
-        out = self.backbone.run(self.embed(input_ids), attention_mask, cache, expert_targets=expert_targets)
+        out = self.backbone.run(self.embed(input_ids), attention_mask, cache, expert_targets=expert_targets,
+                                seq_idx=document_ids)
         if labels is not None:  # to the aligned form: position t predicts labels[t + 1]; padding is no target
             if attention_mask is not None:
                 labels = labels.masked_fill(~attention_mask, IGNORE_INDEX)

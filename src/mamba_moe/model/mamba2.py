@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from ..config import MambaMoEConfig
 from ..ops.conv import causal_conv1d, causal_conv1d_step, conv_state_at
 from ..ops.kernels import ssd_chunked_triton, triton_supports
+from ..ops.kernels.conv_triton import causal_conv1d_triton
+from ..ops.kernels.conv_triton import use_in_model as use_triton_conv
 from ..ops.ssd import ssd_chunked, ssd_step
 from .cache import MambaState
 from .norms import GatedRMSNorm
@@ -72,8 +74,10 @@ class Mamba2Mixer(nn.Module):
         return (x.reshape(*shape, self.num_heads, self.head_dim), B.reshape(*shape, self.ngroups, self.d_state),
                 C.reshape(*shape, self.ngroups, self.d_state))
 
-    def forward(self, hidden: Tensor, mask: Tensor | None = None, state: MambaState | None = None) -> Tensor:
-        """hidden (b, l, d_model); mask (b, l) bool, False = padding; state updated in place if given."""
+    def forward(self, hidden: Tensor, mask: Tensor | None = None, state: MambaState | None = None,
+                seq_idx: Tensor | None = None) -> Tensor:
+        """hidden (b, l, d_model); mask (b, l) bool, False = padding; state updated in place if given;
+        seq_idx (b, l): packed documents, each scanned as if alone (training; not with a state)."""
         b, l, _ = hidden.shape
         z, xbc, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         weight = self.conv1d.weight[:, 0, :]
@@ -86,19 +90,30 @@ class Mamba2Mixer(nn.Module):
             dt = dt * mask[..., None]
 
         if state is not None and l == 1 and mask is None:
-            conv_out, state.conv = causal_conv1d_step(xbc[:, 0], state.conv, weight, self.conv1d.bias)
+            # Without autograd the state is updated in place: no new state tensors per token, and its
+            # storage stays put (what CUDA-graph decode captures).
+            inplace = not torch.is_grad_enabled()
+            conv_out, state.conv = causal_conv1d_step(xbc[:, 0], state.conv, weight, self.conv1d.bias, inplace)
             x, B, C = self._split_xbc(F.silu(conv_out))
-            y, state.ssm = ssd_step(state.ssm, x, dt[:, 0], A, B, C, self.D)
+            y, state.ssm = ssd_step(state.ssm, x, dt[:, 0], A, B, C, self.D, inplace)
             y = y[:, None]
         else:
-            conv_out, conv_final = causal_conv1d(xbc, weight, self.conv1d.bias,
-                                                 None if state is None else state.conv)
-            x, B, C = self._split_xbc(F.silu(conv_out))
-            init = None if state is None else state.ssm
-            if x.is_cuda and triton_supports(x, B, self.chunk_size):  # the Triton kernels; same math
-                y, ssm_final = ssd_chunked_triton(x, dt, A, B, C, self.chunk_size, self.D, init)
+            if state is None and xbc.is_cuda and use_triton_conv(xbc, weight):
+                # Training, opt-in (MAMBA_MOE_TRITON_CONV=1): conv + SiLU in one Triton pass over in_proj's
+                # slice (no transposes, no copies).
+                x, B, C = self._split_xbc(causal_conv1d_triton(xbc, weight, self.conv1d.bias, seq_idx))
             else:
-                y, ssm_final = ssd_chunked(x, dt, A, B, C, self.chunk_size, self.D, init)
+                conv_out, conv_final = causal_conv1d(xbc, weight, self.conv1d.bias,
+                                                     None if state is None else state.conv, seq_idx=seq_idx)
+                x, B, C = self._split_xbc(F.silu(conv_out))
+            init = None if state is None else state.ssm
+            # The Triton kernels (same math) from one chunk up. Shorter calls (short prompts, prefill
+            # tails) take the PyTorch path: compute-sanitizer showed the chunk-scan kernel reading shared
+            # memory out of bounds for an 8-token bf16 prefill on an H100 (docs/kernels.md, open bug).
+            if x.is_cuda and l >= self.chunk_size and triton_supports(x, B, self.chunk_size):
+                y, ssm_final = ssd_chunked_triton(x, dt, A, B, C, self.chunk_size, self.D, init, seq_idx)
+            else:
+                y, ssm_final = ssd_chunked(x, dt, A, B, C, self.chunk_size, self.D, init, seq_idx)
             if state is not None:
                 if mask is not None:  # right padding: the conv state ends at each row's last real token
                     positions = torch.arange(l, device=hidden.device).expand(b, l)

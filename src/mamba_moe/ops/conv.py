@@ -12,11 +12,15 @@ from torch import Tensor
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                  initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """y_t = bias + sum_k weight[:, k] * x_{t - K + 1 + k}, with the state standing in for x_{<0}.
 
     Returns (y (b, l, c), final state (b, c, K - 1)). No activation: the caller applies SiLU.
+    ``seq_idx`` (b, l): packed documents; a token sees only earlier inputs of its own document (the
+    row's first document also sees ``initial_state``), as if each document were convolved alone.
     """
+    if seq_idx is not None:
+        return _causal_conv1d_documents(x, weight, bias, initial_state, seq_idx)
     b, l, c = x.shape
     K = weight.shape[1]
     if weight.shape[0] != c:
@@ -32,13 +36,41 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     return y.transpose(1, 2), stream[..., stream.shape[-1] - (K - 1):]
 
 
+def _causal_conv1d_documents(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None,
+                             seq_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """``causal_conv1d`` with taps that cross a document boundary zeroed: K shifted copies, masked."""
+    b, l, c = x.shape
+    K = weight.shape[1]
+    if seq_idx.shape != (b, l):
+        raise ValueError(f"seq_idx: expected ({b}, {l}), got {tuple(seq_idx.shape)}")
+    head = (x.new_zeros(b, K - 1, c) if initial_state is None
+            else initial_state.to(x.dtype).transpose(1, 2))
+    stream = torch.cat([head, x], dim=1)                                               # (b, K-1+l, c)
+    docs = torch.cat([seq_idx[:, :1].expand(b, K - 1), seq_idx], dim=1)                # state: first document
+    w = weight.to(x.dtype)
+    y = x.new_zeros(b, l, c) if bias is None else bias.to(x.dtype).expand(b, l, c).clone()
+    for k in range(K):  # tap k reads x_{t - (K - 1) + k}
+        same = (docs[:, k:k + l] == seq_idx)[..., None].to(x.dtype)
+        y = y + stream[:, k:k + l] * w[:, k] * same
+    # The final state continues the row's last document: inputs of earlier documents are zeroed.
+    tail = stream[:, stream.shape[1] - (K - 1):]
+    tail = tail * (docs[:, docs.shape[1] - (K - 1):] == seq_idx[:, -1:])[..., None].to(x.dtype)
+    return y, tail.transpose(1, 2)
+
+
 def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor,
-                       bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One token: x (b, c), state (b, c, K - 1) -> (y (b, c), new state)."""
+                       bias: Tensor | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:
+    """One token: x (b, c), state (b, c, K - 1) -> (y (b, c), new state).
+
+    ``inplace``: write the new state into ``state`` (and return it), so its storage never changes
+    (decode without fresh state tensors; CUDA graphs need static buffers). Same values either way.
+    """
     window = torch.cat([state.to(x.dtype), x[..., None]], dim=-1)                     # (b, c, K)
     y = (window * weight.to(x.dtype)).sum(-1)
     if bias is not None:
         y = y + bias.to(x.dtype)
+    if inplace:
+        return y, state.copy_(window[..., 1:])
     return y, window[..., 1:]
 
 

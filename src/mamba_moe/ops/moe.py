@@ -34,6 +34,15 @@ def switch_capacity(num_tokens: int, num_experts: int, capacity_factor: float, m
     return max(min_capacity, math.ceil(capacity_factor * num_tokens / num_experts))
 
 
+def _switch_capacity_tensor(valid: Tensor, num_experts: int, capacity_factor: float, min_capacity: int) -> Tensor:
+    """:func:`switch_capacity` of the number of valid tokens, as a tensor: no host sync, so no graph break.
+
+    Same arithmetic in float64 ((factor * n) / E, then ceil), so the same integer as the Python formula.
+    """
+    n = valid.sum().to(torch.float64)
+    return torch.ceil(capacity_factor * n / num_experts).clamp(min=min_capacity).to(torch.long)
+
+
 def route(logits: Tensor, router: str, top_k: int, valid: Tensor | None = None,
           capacity_factor: float = 1.0, min_capacity: int = 0) -> Routing:
     """Turn router logits (N, E) into mixing weights, with tokens ordered as capacity should see them.
@@ -60,7 +69,7 @@ def route(logits: Tensor, router: str, top_k: int, valid: Tensor | None = None,
     elif router == "switch":
         top_p, top_i = probs.max(dim=-1)
         assigned = F.one_hot(top_i, E).bool() & valid[:, None]
-        capacity = switch_capacity(int(valid.sum()), E, capacity_factor, min_capacity)
+        capacity = _switch_capacity_tensor(valid, E, capacity_factor, min_capacity)
         rank = torch.cumsum(assigned.long(), dim=0) - 1                                # place in the queue
         kept = assigned & (rank < capacity)
         weights = kept.to(top_p.dtype) * top_p[:, None]

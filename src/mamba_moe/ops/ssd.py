@@ -53,14 +53,22 @@ def check_ssd_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
 
 
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-             D: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One token: state (b, h, p, n), x (b, h, p), dt (b, h), B/C (b, g, n) -> (y (b, h, p), new state)."""
+             D: Tensor | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:
+    """One token: state (b, h, p, n), x (b, h, p), dt (b, h), B/C (b, g, n) -> (y (b, h, p), new state).
+
+    ``inplace``: update ``state`` itself (and return it) instead of a new tensor: decode then allocates no
+    new state per token and reads/writes it in two passes instead of three temporaries (same math; the
+    state must not be needed by autograd). CUDA-graph decode relies on it (static state buffers).
+    """
     h = x.shape[1]
     B = _heads_from_groups(B, h, 1).to(state.dtype)
     C = _heads_from_groups(C, h, 1).to(state.dtype)
     x32, dt32 = x.to(state.dtype), dt.to(state.dtype)
     decay = torch.exp(dt32 * A.to(state.dtype))                                      # (b, h)
-    state = state * decay[..., None, None] + (dt32[..., None] * x32)[..., None] * B[:, :, None, :]
+    if inplace:
+        state.mul_(decay[..., None, None]).addcmul_((dt32[..., None] * x32)[..., None], B[:, :, None, :])
+    else:
+        state = state * decay[..., None, None] + (dt32[..., None] * x32)[..., None] * B[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", state, C)
     if D is not None:
         y = y + x32 * D.to(state.dtype)[:, None]
@@ -97,13 +105,31 @@ def segsum(a: Tensor) -> Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
+def check_seq_idx(seq_idx: Tensor, batch: int, seq: int) -> None:
+    """``seq_idx`` (batch, seq): integer document index, non-decreasing along each row."""
+    if seq_idx.shape != (batch, seq) or seq_idx.is_floating_point():
+        raise ValueError(f"seq_idx: expected a ({batch}, {seq}) integer tensor, got {tuple(seq_idx.shape)} "
+                         f"{seq_idx.dtype}")
+    if seq_idx.device.type == "cpu" and seq > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+        raise ValueError("seq_idx: document indices must not decrease along a row (documents are contiguous)")
+
+
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                D: Tensor | None = None, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Chunked SSD: exact (up to rounding) equal of ``ssd_sequential`` for any chunk size."""
+                D: Tensor | None = None, initial_state: Tensor | None = None,
+                seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Chunked SSD: exact (up to rounding) equal of ``ssd_sequential`` for any chunk size.
+
+    ``seq_idx`` (b, l) packs several documents in a row: the state restarts from zero at each new
+    index (the row's first document starts from ``initial_state``), exactly as if each document were
+    scanned alone (``ops.kernels.ssd_chunked_varlen_ref`` is that loop). Every term of the chunked form
+    is a sum over (source, target) position pairs, so it is masked to pairs in the same document.
+    """
     check_ssd_shapes(x, dt, A, B, C, initial_state)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
     b, l, h, p = x.shape
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, b, l)
     n = B.shape[3]
     dtype = _compute_dtype(x)
     x_in = x
@@ -117,6 +143,11 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     c, T = (l + pad) // chunk_size, chunk_size
     x, B, C = (t.reshape(b, c, T, h, t.shape[-1]) for t in (x, B, C))
     dt = dt.reshape(b, c, T, h)
+    if seq_idx is not None:
+        doc = F.pad(seq_idx, (0, pad), mode="replicate").reshape(b, c, T)             # padding: last document
+        # The document a carried state belongs to: entry 0 is the initial state (first document),
+        # entry k the state at the end of chunk k - 1.
+        doc_entry = torch.cat([doc[:, :1, 0], doc[..., -1]], dim=1)                   # (b, c + 1)
 
     a = (dt * A).permute(0, 3, 1, 2)                                                  # (b, h, c, T)
     a_cum = torch.cumsum(a, dim=-1)
@@ -124,11 +155,15 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
 
     # 1. Within each chunk: the masked "attention" form, y_i = sum_j (C_i.B_j) exp(a_j+1..a_i) x_j dt_j.
     decay_in = torch.exp(segsum(a))                                                   # (b, h, c, T, T)
+    if seq_idx is not None:
+        decay_in = decay_in * (doc[..., :, None] == doc[..., None, :])[:, None]
     scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay_in
     y = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt)
 
     # 2. Each chunk's own contribution to the state at its end.
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)                                 # (b, h, c, T)
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (doc == doc[..., -1:])[:, None]
     chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, x_dt)
 
     # 3. Carry states across chunks (a recurrence over c + 1 entries, written as a small matmul).
@@ -136,11 +171,16 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
         initial_state = torch.zeros(b, h, p, n, dtype=dtype, device=x.device)
     states = torch.cat([initial_state.to(dtype)[:, None], chunk_states], dim=1)       # (b, c+1, h, p, n)
     decay_chunks = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))                   # (b, h, c+1, c+1)
+    if seq_idx is not None:
+        decay_chunks = decay_chunks * (doc_entry[:, :, None] == doc_entry[:, None, :])[:, None]
     states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, states)
     states, final_state = states[:, :-1], states[:, -1]
 
     # 4. The state entering each chunk, read out at every position inside it.
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(a_cum))
+    decay_out = torch.exp(a_cum)                                                      # (b, h, c, T)
+    if seq_idx is not None:
+        decay_out = decay_out * (doc == doc_entry[:, :-1, None])[:, None]
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, decay_out)
 
     y = y.reshape(b, c * T, h, p)[:, :l]
     if D is not None:
