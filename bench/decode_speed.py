@@ -5,7 +5,8 @@
     python bench/decode_speed.py --threads 1 2 --batch 1 4              # one row per combination
     python bench/decode_speed.py --profile mamba-moe-300m               # + the ops that dominate a decode step
     python bench/decode_speed.py --quantize none int8                   # + experimental int8 CPU weights
-    python bench/decode_speed.py --device cuda --dtype bfloat16         # GPU, eager (CUDA graphs: not yet)
+    python bench/decode_speed.py --decoders model fast fast-int8         # decode step: reference / fused / int8
+    python bench/decode_speed.py --device cuda --dtype bfloat16 --decoders model cuda-graphs --batch 1 8 32 64
     python bench/decode_speed.py --append docs/benchmarks.md            # also append a dated section
 
 Each measurement builds the preset with random weights (speed does not depend on their values), runs
@@ -79,14 +80,30 @@ def run_once(engine: Engine, prompts: list[list[int]], new_tokens: int, device: 
     return first - start, end - first, seen - len(prompts)
 
 
+_MODELS: dict[tuple[str, str], MambaMoEForCausalLM] = {}
+
+
+def build_model(preset: str, args: argparse.Namespace) -> MambaMoEForCausalLM:
+    """The preset with random weights (seeded), cached across rows unless it is quantized in place."""
+    key = (preset, args.dtype)
+    if key in _MODELS and not args.int8:
+        return _MODELS[key]
+    torch.manual_seed(args.seed)
+    model = MambaMoEForCausalLM(get_preset(preset)).to(device=args.device, dtype=DTYPES[args.dtype]).eval()
+    if args.int8:
+        return quantize_int8(model)
+    _MODELS.clear()
+    _MODELS[key] = model
+    return model
+
+
 def measure(preset: str, batch: int, threads: int, args: argparse.Namespace) -> dict:
     torch.set_num_threads(threads)
-    torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    model = MambaMoEForCausalLM(get_preset(preset)).to(device=args.device, dtype=dtype).eval()
-    if args.int8:
-        quantize_int8(model)
-    engine = Engine(model, prefill_chunk=args.prefill_chunk, max_batch=batch)
+    model = build_model(preset, args)
+    torch.manual_seed(args.seed)
+    engine = Engine(model, prefill_chunk=args.prefill_chunk, max_batch=batch, decoder=args.decoder,
+                    max_context=args.prompt_tokens + args.new_tokens + 8)
     vocab = model.config.vocab_size
     prompts = [torch.randint(0, vocab, (args.prompt_tokens,)).tolist() for _ in range(batch)]
     run_once(engine, [p[:8] for p in prompts], 3, args.device)                       # warm-up
@@ -95,8 +112,10 @@ def measure(preset: str, batch: int, threads: int, args: argparse.Namespace) -> 
     rate = statistics.median(r[2] / r[1] for r in runs)
     best = max(r[2] / r[1] for r in runs)
     step_s = batch / best
-    weight_bytes = model_active_params(preset) * (1 if args.int8 else torch.finfo(dtype).bits // 8)
-    return {"preset": preset, "weights": "int8" if args.int8 else args.dtype, "batch": batch, "threads": threads,
+    int8 = args.int8 or args.decoder == "fast-int8"
+    weight_bytes = model_active_params(preset) * (1 if int8 else torch.finfo(dtype).bits // 8)
+    return {"preset": preset, "weights": "int8" if int8 else args.dtype, "decoder": args.decoder,
+            "batch": batch, "threads": threads,
             "new": args.new_tokens, "ttft_ms": ttft * 1e3, "best_ttft_ms": min(r[0] for r in runs) * 1e3, "best": best,
             "prefill": batch * args.prompt_tokens / ttft, "rate": rate, "ms_step": step_s * 1e3,
             "gbps": weight_bytes / step_s / 1e9, "params": model_active_params(preset), "engine": engine,
@@ -111,7 +130,7 @@ def profile(result: dict, steps: int, top: int, device: str) -> str:
     engine: Engine = result["engine"]
     from mamba_moe.inference.batch import DecodeBatch
 
-    batch = DecodeBatch(engine.model, engine.prefill_chunk)
+    batch = DecodeBatch(engine.model, engine.prefill_chunk, engine.decoder)
     request = Request(result["prompts"][0], SamplingParams(max_tokens=steps + 10, temperature=0),
                       vocab_size=engine.model.config.vocab_size)
     batch.add([request])
@@ -138,7 +157,8 @@ def profile(result: dict, steps: int, top: int, device: str) -> str:
     whole = sum(totals.values()) or 1.0
     shares = "\n".join(f"- {k}: {v / whole:.0%} of self CPU time ({v / 1e3 / steps:.1f} ms/step)"
                        for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
-    title = f"### Profile: {result['preset']} ({result['weights']} weights), {steps} decode steps, batch 1"
+    title = (f"### Profile: {result['preset']} ({result['weights']} weights, decoder {result['decoder']}), "
+             f"{steps} decode steps, batch 1")
     return f"{title}\n\n{shares}\n\n```\n{table}\n```\n"
 
 
@@ -154,12 +174,13 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str
         f"{args.prefill_chunk}, median of {args.repeats}",
         f"- command: `{command}`",
         "",
-        "| preset | active params | weights | batch | threads | new tokens | TTFT ms median (best) | prefill tok/s "
-        "| decode tok/s median (best) | ms/step (best) | weight GB/s (best) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| preset | active params | weights | decoder | batch | threads | new tokens | TTFT ms median (best) "
+        "| prefill tok/s | decode tok/s median (best) | ms/step (best) | weight GB/s (best) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['weights']} | {r['batch']} | {r['threads']} | "
+        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['weights']} | {r['decoder']} | {r['batch']} "
+                     f"| {r['threads']} | "
                      f"{r['new']} | "
                      f"{r['ttft_ms']:.0f} ({r['best_ttft_ms']:.0f}) | {r['prefill']:.0f} | {r['rate']:.1f} "
                      f"({r['best']:.1f}) | {r['ms_step']:.1f} | {r['gbps']:.2f} |")
@@ -181,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quantize", nargs="+", choices=["none", "int8"], default=["none"],
                         help="weight formats to measure (int8: experimental CPU int8 decoding)")
+    parser.add_argument("--decoders", nargs="+", choices=list(Engine.DECODERS), default=["model"],
+                        help="decode steps to measure: the model's forward (reference), the fused step, "
+                             "the fused step with int8 weights (CPU), the fused step in CUDA graphs (GPU)")
     parser.add_argument("--profile", nargs="*", default=None, metavar="PRESET",
                         help="profile decode steps of these presets (all measured ones if none named)")
     parser.add_argument("--profile-steps", type=int, default=5)
@@ -191,13 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     results, profiles = [], []
     for preset in args.presets:
         new_tokens = args.new_tokens_300m if preset == "mamba-moe-300m" else args.new_tokens
-        for threads, batch, quant in itertools.product(args.threads, args.batch, args.quantize):
-            run_args = argparse.Namespace(**{**vars(args), "new_tokens": new_tokens, "int8": quant == "int8"})
+        combos = itertools.product(args.threads, args.batch, args.quantize, args.decoders)
+        for threads, batch, quant, decoder in combos:
+            if quant == "int8" and decoder != "model":
+                continue  # the fast decoders make their own int8 weights (fast-int8)
+            run_args = argparse.Namespace(**{**vars(args), "new_tokens": new_tokens, "int8": quant == "int8",
+                                             "decoder": decoder})
             result = measure(preset, batch, threads, run_args)
-            print(f"{preset} {result['weights']} batch {batch} threads {threads}: TTFT {result['ttft_ms']:.0f} ms, "
-                  f"{result['rate']:.1f} tok/s", file=sys.stderr, flush=True)
+            print(f"{preset} {result['weights']} {decoder} batch {batch} threads {threads}: TTFT "
+                  f"{result['ttft_ms']:.0f} ms, {result['rate']:.1f} tok/s", file=sys.stderr, flush=True)
             wanted = args.profile is not None and (not args.profile or preset in args.profile)
-            if wanted and (batch, threads, quant) == (args.batch[0], args.threads[-1], args.quantize[-1]):
+            last = (args.batch[0], args.threads[-1], args.quantize[-1], args.decoders[-1])
+            if wanted and (batch, threads, quant, decoder) == last:
                 profiles.append(profile(result, args.profile_steps, 15, args.device))
             del result["engine"], result["prompts"]
             results.append(result)

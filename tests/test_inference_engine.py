@@ -175,3 +175,23 @@ def test_chat_uses_the_template(toy_engine):
     assert ids[0] == 2 and ids.count(3) == 2
     params = SamplingParams(max_tokens=8, temperature=0)
     assert toy_engine.chat(messages, params).text == toy_engine.generate(ids, params).text
+
+
+@pytest.mark.parametrize("decoder", ["model", "fast"])
+def test_logprobs_are_the_full_forward_log_softmax(decoder):
+    # Each generated token's logprob and its top-k equal log_softmax of a full-sequence forward there,
+    # for a sampled (seeded) generation, in a batch with a row that asked for none.
+    model = tiny64()
+    prompt = torch.randint(0, 512, (9,)).tolist()
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True, logprobs=3)
+    out, other = Engine(model, decoder=decoder).generate([prompt, prompt[:4]], [params, replace(params, logprobs=None)])
+    assert other.logprobs is None and len(out.logprobs) == len(out.token_ids) == 6
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([prompt + out.token_ids])).logits[0].float(), dim=-1)
+    for i, item in enumerate(out.logprobs):
+        step = full[len(prompt) - 1 + i]
+        assert item.token_id == out.token_ids[i]
+        assert item.logprob == pytest.approx(float(step[item.token_id]), abs=1e-5)
+        top_v, top_i = step.topk(3)
+        assert [t for t, _ in item.top] == top_i.tolist()
+        assert [lp for _, lp in item.top] == pytest.approx(top_v.tolist(), abs=1e-5)

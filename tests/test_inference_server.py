@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -30,10 +31,15 @@ MODEL = "toy"
 MAX_TOKENS_LIMIT = 4000
 
 
+# The toy weights' seed: MAMBA_MOE_TEST_SEED replays a run (every failure message names it).
+TOY_SEED = int(os.environ.get("MAMBA_MOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     # A long context, so one request can outlast many short ones by far.
-    return save_toy_checkpoint(tmp_path_factory.mktemp("toy"), max_position_embeddings=4096)
+    print(f"toy checkpoint seed: {TOY_SEED} (replay with MAMBA_MOE_TEST_SEED={TOY_SEED})")
+    return save_toy_checkpoint(tmp_path_factory.mktemp("toy"), max_position_embeddings=4096, seed=TOY_SEED)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +146,9 @@ def test_stop_strings_and_completion_prompt_as_token_ids(server, engine):
     (dict(max_tokens=MAX_TOKENS_LIMIT + 1), "max_tokens"),                      # over the server's limit
     (dict(messages=[{"role": "user", "content": "many words " * 200}]), "longer than"),  # too-long prompt
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(n=2), "n"),
+    (dict(n=9), "n"),                                                           # above the server's 8
+    (dict(top_logprobs=2), "top_logprobs"),                                     # without logprobs: true
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
 ])
 def test_bad_requests_get_400_with_a_message(server, kwargs, field):
     args = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
@@ -149,6 +157,49 @@ def test_bad_requests_get_400_with_a_message(server, kwargs, field):
         server.chat.completions.create(**args)
     assert info.value.status_code == 400
     assert field in info.value.message
+
+
+def test_logprobs_match_the_engine(server, engine):
+    messages = [{"role": "user", "content": "Hello! How are you?"}]
+    reply = server.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                           logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    expected = engine.chat(messages, greedy(5, ignore_eos=True, logprobs=3))
+    content = reply.choices[0].logprobs.content
+    assert len(content) == len(expected.token_ids) == 5
+    for got, want in zip(content, expected.logprobs, strict=True):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-6)
+        assert got.token == engine.tokenizer.decode([want.token_id], skip_special_tokens=False)
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([lp for _, lp in want.top], abs=1e-6)
+        assert got.top_logprobs[0].logprob == pytest.approx(got.logprob)       # greedy picks the top token
+    plain = server.completions.create(model=MODEL, prompt="Once upon", max_tokens=4, temperature=0, logprobs=2,
+                                      extra_body={"ignore_eos": True}).choices[0]
+    assert len(plain.logprobs.tokens) == len(plain.logprobs.token_logprobs) == 4
+    assert all(1 <= len(top) <= 2 for top in plain.logprobs.top_logprobs)
+    assert plain.logprobs.text_offset[0] == 0 and plain.logprobs.text_offset == sorted(plain.logprobs.text_offset)
+    # streamed: the same logprobs, chunk by chunk
+    chunks = list(server.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                                 logprobs=True, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == pytest.approx([e.logprob for e in content], abs=1e-6)
+
+
+def test_n_choices_are_the_seeded_single_requests(server):
+    args = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=7,
+                extra_body={"ignore_eos": True})
+    many = server.completions.create(**args, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    singles = [server.completions.create(**{**args, "seed": 7 + i}).choices[0].text for i in range(3)]
+    assert [c.text for c in many.choices] == singles
+    assert many.usage.completion_tokens == 24
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chat = dict(model=MODEL, messages=messages, max_tokens=6, temperature=1.0, seed=11, n=2)
+    whole = server.chat.completions.create(**chat)
+    chunks = list(server.chat.completions.create(**chat, stream=True))
+    for i in range(2):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        assert text == whole.choices[i].message.content
+    reasons = {c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert reasons <= {"stop", "length"} and len(reasons) >= 1
 
 
 def test_bad_completion_requests(server):
@@ -160,14 +211,14 @@ def test_bad_completion_requests(server):
         server.completions.create(model="gpt-4", prompt="hi", max_tokens=4)
 
 
-@pytest.mark.xfail(strict=False, reason="open bug (#6): on some random toy weights a long greedy stream stops "
-                   "running right after its first chunk; seen in about 1 run in 4, not yet explained")
 def test_concurrent_clients_are_all_answered_and_none_waits_for_a_long_one(server, engine):
     # One long streaming request holds a slot; eight short ones (more than the batch of 3) arrive while
     # it runs and must all be answered, correctly, while it is still running.
     long = server.completions.create(model=MODEL, prompt="A long story:", max_tokens=MAX_TOKENS_LIMIT, temperature=0,
                                      stream=True, extra_body={"ignore_eos": True})
-    next(iter(long))
+    # Wait for it to run rather than for its first text: greedy random weights may emit tokens without text
+    # (special tokens) for a while. (The #6 bug: stray UTF-8 bytes used to hold back all text to the end.)
+    wait_for_running(server, 1)
     prompts = [f"Question {i}: what is {i} + {i}?" for i in range(8)]
 
     def ask(prompt: str) -> str:
@@ -191,19 +242,16 @@ def wait_for_running(client, count: int) -> None:
         if health(client)["running"] == count:
             return
         time.sleep(0.05)
-    raise AssertionError(f"expected {count} running request(s): {health(client)}")
+    raise AssertionError(f"expected {count} running request(s): {health(client)} (toy seed {TOY_SEED})")
 
 
 def wait_until_idle(client) -> None:
     wait_for_running(client, 0)
 
 
-@pytest.mark.xfail(strict=False, reason="open bug (#6): on some random toy weights a long greedy stream stops "
-                   "running right after its first chunk; seen in about 1 run in 4, not yet explained")
 def test_a_client_that_disconnects_frees_its_slot(server):
     stream = server.completions.create(model=MODEL, prompt="Hello", max_tokens=MAX_TOKENS_LIMIT, temperature=0,
                                        stream=True, extra_body={"ignore_eos": True})
-    next(iter(stream))
     wait_for_running(server, 1)  # the 4000-token stream runs for many seconds
     stream.close()
     wait_until_idle(server)

@@ -37,6 +37,30 @@ def test_random_token_streams_decode_like_the_whole(tokenizer):
         assert "".join(stream(tokenizer, ids, prompt)) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_a_run_of_stray_bytes_streams_at_once_in_bounded_time(tokenizer):
+    # The #6 server bug: a model that keeps emitting a UTF-8 continuation byte never completes a character.
+    # The decoder used to hold the whole run back, so a 4000-token stream sent nothing until it ended.
+    stray = next(t for t in range(len(tokenizer)) if tokenizer.decode([t] * 4) == "\ufffd" * 4)
+    decoder = IncrementalDecoder(tokenizer, tokenizer("A story:", add_special_tokens=False)["input_ids"])
+    pieces = []
+    for _ in range(300):
+        pieces.append(decoder.push(stray))
+        assert len(decoder.ids) - decoder.prefix_offset <= 20, "the decode window keeps growing"
+    pieces.append(decoder.flush())
+    assert pieces[0] == "" and all(p == "\ufffd" for p in pieces[1:-1])   # one step behind, never stalled
+    assert "".join(pieces) == "\ufffd" * 300
+
+
+def test_long_random_streams_with_stray_bytes_decode_like_the_whole(tokenizer):
+    # Mix valid multi-byte text with random (often undecodable) tokens, long enough to move the window.
+    valid = tokenizer("Größe 東京 🙂 naïve", add_special_tokens=False)["input_ids"]
+    for _ in range(10):
+        ids: list[int] = []
+        while len(ids) < 150:
+            ids += valid if torch.rand(()) < 0.3 else torch.randint(0, len(tokenizer), (12,)).tolist()
+        assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def test_stop_string_split_across_deltas_is_cut_and_never_emitted():
     matcher = StopMatcher(("o w",))
     out = [matcher.add(d) for d in ["Hel", "lo ", "wor", "ld"]]

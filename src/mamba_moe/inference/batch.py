@@ -4,13 +4,14 @@
 tokens and merges them into the running batch; ``step`` decodes one token for every active request.
 Finished and cancelled requests leave the batch at once, so new ones never wait for the slowest.
 
-Decode shape, for a future CUDA-graph path: each step is ``embed -> backbone.run(cache) -> head`` on a
-(b, 1) token tensor. Mamba state is fixed-size; attention keys live in preallocated buffers
-(``KVState.reserve``). Capturing it needs a fixed batch (pad rows instead of dropping them) and a fixed
-key length (mask instead of slice), see docs/inference.md.
+Decode steps run the model's forward (the reference) or a ``decoder`` such as ``fast_decode.FastDecoder``
+(fused, optionally int8) or ``cuda_graphs.GraphDecoder`` (the fused step replayed as CUDA graphs),
+which take the same ``(tokens (b, 1), cache) -> logits`` call and update the same cache.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,16 +19,20 @@ from torch import Tensor
 from ..model.cache import HybridCache
 from ..model.lm import MambaMoEForCausalLM
 from . import cache_ops
-from .request import Request, StreamEvent
+from .request import Request, StreamEvent, TokenLogprob
 
 
 class DecodeBatch:
     """Continuous batching over one model. Not thread-safe: one thread drives ``add`` and ``step``."""
 
-    def __init__(self, model: MambaMoEForCausalLM, prefill_chunk: int = 512) -> None:
+    def __init__(self, model: MambaMoEForCausalLM, prefill_chunk: int = 512,
+                 decoder: Callable[[Tensor, HybridCache], Tensor] | None = None) -> None:
+        """``decoder``: the decode step ``(tokens (b, 1), cache) -> logits (b, V)`` (e.g. ``FastDecoder``);
+        None = the model's own forward (the reference). Prefill always runs the model's forward."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: must be a positive integer (got {prefill_chunk!r})")
         self.model = model
+        self.decoder = decoder
         self.prefill_chunk = prefill_chunk
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype     # the cache's dtype, whatever form the linears take
@@ -67,6 +72,29 @@ class DecodeBatch:
             return logits.argmax(-1).tolist()
         return [r.choose(logits[i]) for i, r in enumerate(rows)]
 
+    @staticmethod
+    def _logprobs(logits: Tensor, rows: list[Request], tokens: list[int]) -> list[TokenLogprob | None]:
+        """Each row's chosen token's log-probability (and its top alternatives) if the row asked for them."""
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        if not wanted:
+            return out
+        index = torch.tensor(wanted, device=logits.device)
+        logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+        k = max(rows[i].params.logprobs for i in wanted)
+        top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logits.device))[:, 0].tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(wanted):
+            n = rows[i].params.logprobs
+            out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True)))
+        return out
+
+    def _accept(self, logits: Tensor, rows: list[Request]) -> list[StreamEvent]:
+        tokens = self._choose(logits, rows)
+        logprobs = self._logprobs(logits, rows, tokens)
+        return [r.accept(t, lp) for r, t, lp in zip(rows, tokens, logprobs, strict=True)]
+
     # ---- batch management ------------------------------------------------------------------------
     def _remaining(self, rows: list[Request]) -> int:
         """Key positions to reserve beyond the current ones: the most any row may still generate."""
@@ -83,7 +111,7 @@ class DecodeBatch:
             cache = self.model.new_cache(len(requests), device=self.device, dtype=self.dtype)
             cache_ops.reserve(cache, max(len(r.prompt_ids) for r in requests) + self._remaining(requests))
             logits = self.prefill([r.prompt_ids for r in requests], cache)
-            events = [r.accept(t) for r, t in zip(requests, self._choose(logits, requests), strict=True)]
+            events = self._accept(logits, requests)
             alive = [i for i, r in enumerate(requests) if not r.finished]
             if alive:
                 rows = [requests[i] for i in alive]
@@ -105,8 +133,11 @@ class DecodeBatch:
             return []
         with torch.inference_mode():
             tokens = torch.tensor([[r.output_ids[-1]] for r in self.rows], dtype=torch.long, device=self.device)
-            logits = self._last_logits(tokens, None, self.cache)
-            events = [r.accept(t) for r, t in zip(self.rows, self._choose(logits, self.rows), strict=True)]
+            if self.decoder is not None:
+                logits = self.decoder(tokens, self.cache)
+            else:
+                logits = self._last_logits(tokens, None, self.cache)
+            events = self._accept(logits, self.rows)
             self._drop_finished()
         return events
 

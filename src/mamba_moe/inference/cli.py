@@ -28,6 +28,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="int8: int8 weights for faster CPU decoding (experimental; float32 CPU models)")
+    parser.add_argument("--decoder", choices=["model", "fast", "fast-int8", "cuda-graphs"], default="fast",
+                        help="decode step: fast = fused step (default; equals the model's forward), model = the "
+                             "model's forward (reference), fast-int8 = fused step with int8 weights (CPU), "
+                             "cuda-graphs = fused step replayed as CUDA graphs (GPU)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -55,8 +59,12 @@ def load_engine(args: argparse.Namespace) -> Any:
         if args.threads < 1:
             raise ValueError(f"--threads: must be a positive integer (got {args.threads})")
         torch.set_num_threads(args.threads)
+    decoder = getattr(args, "decoder", "model")
+    if args.quantize == "int8" and decoder == "fast":
+        decoder = "fast-int8"   # the fused step makes its own int8 weights, before the model is quantized
     engine = Engine.from_pretrained(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype],
-                                    prefill_chunk=args.prefill_chunk)
+                                    prefill_chunk=args.prefill_chunk, decoder=decoder,
+                                    max_batch=getattr(args, "max_batch", None) or 16)  # graph buckets up to it
     if args.quantize == "int8":
         from .quantize import quantize_int8
 

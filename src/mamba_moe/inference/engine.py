@@ -28,23 +28,45 @@ from .sampling import SamplingParams
 Prompt = str | Sequence[int]
 
 
+def make_decoder(model: MambaMoEForCausalLM, kind: str, max_context: int, max_batch: int = 64) -> Any:
+    """The decode step for ``Engine(decoder=kind)``: None for the model's own forward."""
+    if kind == "model":
+        return None
+    from .fast_decode import FastDecoder
+
+    if kind == "cuda-graphs":
+        from .cuda_graphs import GraphDecoder
+
+        return GraphDecoder(FastDecoder(model), max_context, max_batch)
+    return FastDecoder(model, int8=kind == "fast-int8")
+
+
 class Engine:
     """Generation from one model (and optionally its tokenizer, needed for text prompts and output).
 
     ``max_context``: prompt + output tokens per sequence (default: the config's
     ``max_position_embeddings``); generation stops with finish_reason "length" there.
+    ``decoder``: how decode steps run: "model" (the model's forward, the reference), "fast" (the
+    lean fused step of ``fast_decode.py``), "fast-int8" (the same with int8 weights, CPU, float32
+    model), or "cuda-graphs" (the fast step captured in CUDA graphs per batch size, CUDA only).
     """
 
+    DECODERS = ("model", "fast", "fast-int8", "cuda-graphs")
+
     def __init__(self, model: MambaMoEForCausalLM, tokenizer: Any = None, *, prefill_chunk: int = 512,
-                 max_context: int | None = None, max_batch: int = 16) -> None:
+                 max_context: int | None = None, max_batch: int = 16, decoder: str = "model") -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch: must be a positive integer (got {max_batch!r})")
+        if decoder not in self.DECODERS:
+            raise ValueError(f"decoder: expected one of {', '.join(self.DECODERS)}, got {decoder!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
         self.max_context = max_context or model.config.max_position_embeddings
         self.end_ids = end_token_ids(tokenizer, model.config.eos_token_id)
+        self.decoder_kind = decoder
+        self.decoder = make_decoder(model, decoder, self.max_context, max_batch)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
@@ -92,7 +114,7 @@ class Engine:
     def run(self, requests: list[Request]) -> Iterator[StreamEvent]:
         """Events of all ``requests`` as they happen, at most ``max_batch`` decoding at once."""
         waiting = deque(requests)
-        batch = DecodeBatch(self.model, self.prefill_chunk)
+        batch = DecodeBatch(self.model, self.prefill_chunk, self.decoder)
         while waiting or len(batch):
             room = self.max_batch - len(batch)
             if waiting and room > 0:

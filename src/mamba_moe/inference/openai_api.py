@@ -7,6 +7,7 @@ No web framework here, so the rules can be read (and tested) on their own. Every
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -14,12 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .chat import check_messages, render_chat
-from .sampling import SamplingParams
+from .request import TokenLogprob
+from .sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_N = 8                   # choices per request
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit; chat allows top_logprobs up to 20
 # Accepted and ignored when they hold their default (clients send them routinely).
-_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "n": 1, "logprobs": None, "echo": False,
-            "best_of": 1, "logit_bias": None, "top_logprobs": None, "tools": None, "tool_choice": None,
+_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "echo": False,
+            "best_of": 1, "logit_bias": None, "tools": None, "tool_choice": None,
             "response_format": None, "suffix": None, "parallel_tool_calls": None}
 
 
@@ -48,6 +52,14 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    n: int = 1
+
+    def choice_params(self) -> list[SamplingParams]:
+        """Parameters of each of the ``n`` choices: a given seed becomes seed, seed + 1, ... (distinct but
+        reproducible choices); without a seed each choice draws its own."""
+        if self.params.seed is None:
+            return [self.params] * self.n
+        return [dataclasses.replace(self.params, seed=self.params.seed + i) for i in range(self.n)]
 
 
 # ---- field readers -------------------------------------------------------------------------------------
@@ -173,6 +185,8 @@ def parse_request(body: Any, engine: Any, limits: Limits, served: str, chat: boo
     if max_tokens > room:
         raise _bad(token_field, f"the context holds {limits.context} tokens; the prompt uses {len(prompt_ids)}, "
                    f"so at most {room} can be generated, but {max_tokens} were requested")
+    logprobs = _logprobs(body, chat)
+    n = _integer(body, "n", 1, 1, MAX_N)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise _bad("stream_options", "expected an object")
@@ -187,11 +201,25 @@ def parse_request(body: Any, engine: Any, limits: Limits, served: str, chat: boo
             stop=_stop(body),
             seed=_integer(body, "seed", None, -(2**63), 2**64 - 1),
             ignore_eos=_boolean(body, "ignore_eos", False),
+            logprobs=logprobs,
         )
     except ValueError as err:
         raise APIError(400, str(err)) from err
     return ParsedRequest(prompt_ids, params, _boolean(body, "stream", False),
-                         _boolean(stream_options, "include_usage", False))
+                         _boolean(stream_options, "include_usage", False), n)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Alternatives per token to report, or None for no logprobs. Chat: ``logprobs`` (bool) +
+    ``top_logprobs`` (0..20); completions: ``logprobs`` (0..5, the number of alternatives)."""
+    if not chat:
+        return _integer(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
+    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if not _boolean(body, "logprobs", False):
+        if top:
+            raise _bad("top_logprobs", "needs logprobs: true")
+        return None
+    return top or 0
 
 
 # ---- responses -----------------------------------------------------------------------------------------
@@ -208,30 +236,68 @@ def finish(reason: str | None) -> str | None:
     return {"abort": "stop"}.get(reason, reason) if reason else None
 
 
-def response(chat: bool, rid: str, model: str, text: str, reason: str, prompt_tokens: int,
-             completion_tokens: int) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish(reason), "logprobs": None}
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """A token as text for logprobs (special tokens by name; a partial UTF-8 byte shows as U+FFFD)."""
+    return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer is not None else str(token_id)
+
+
+def chat_logprobs(items: list[TokenLogprob] | None, tokenizer: Any) -> dict[str, Any] | None:
+    """OpenAI chat ``logprobs``: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
+    if items is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(it.token_id, it.logprob), "top_logprobs": [entry(t, lp) for t, lp in it.top]}
+                        for it in items]}
+
+
+def completion_logprobs(items: list[TokenLogprob] | None, tokenizer: Any, offset: int = 0) -> dict[str, Any] | None:
+    """Legacy completions ``logprobs``: parallel lists tokens / token_logprobs / top_logprobs / text_offset."""
+    if items is None:
+        return None
+    tokens = [token_text(tokenizer, it.token_id) for it in items]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [it.logprob for it in items],
+            "top_logprobs": [{token_text(tokenizer, t): lp for t, lp in it.top} for it in items],
+            "text_offset": offsets}
+
+
+def choice(chat: bool, index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    """One choice of a whole (non-streamed) response."""
+    out: dict[str, Any] = {"index": index, "finish_reason": finish(reason), "logprobs": logprobs}
     if chat:
-        choice["message"] = {"role": "assistant", "content": text}
+        out["message"] = {"role": "assistant", "content": text}
     else:
-        choice["text"] = text
+        out["text"] = text
+    return out
+
+
+def response(chat: bool, rid: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+             completion_tokens: int) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+            "model": model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk(chat: bool, rid: str, model: str, text: str | None, reason: str | None, first: bool = False,
-          usage_: dict[str, int] | None = None) -> dict[str, Any]:
-    """One SSE chunk; with ``usage_`` the final usage-only chunk (choices empty)."""
+          usage_: dict[str, int] | None = None, index: int = 0,
+          logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One SSE chunk of choice ``index``; with ``usage_`` the final usage-only chunk (choices empty)."""
     base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model}
     if usage_ is not None:
         return {**base, "choices": [], "usage": usage_}
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish(reason), "logprobs": None}
+    out: dict[str, Any] = {"index": index, "finish_reason": finish(reason), "logprobs": logprobs}
     if chat:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        choice["delta"] = delta
+        out["delta"] = delta
     else:
-        choice["text"] = text or ""
-    return {**base, "choices": [choice]}
+        out["text"] = text or ""
+    return {**base, "choices": [out]}

@@ -9,7 +9,8 @@ quality of a trained model (perplexity) before relying on it.
 
 It is applied from outside the model: ``nn.Linear`` modules are swapped for their dynamic-quantized
 peers and each ``ExpertBank`` for an ``Int8ExpertBank`` with the same calls (``expert``, ``mix_sparse``,
-``all_experts``): a new ExpertBank method used by the MoE layer needs its int8 twin here.
+``all_experts``, ``mix_soft``, ``mix_grouped``): a new ExpertBank method used by the MoE layer needs its
+int8 twin here.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ class Int8ExpertBank(nn.Module):
             if idx.numel():
                 out.index_add_(0, idx, self.expert(e, x[idx]) * weights[idx, e, None].to(x.dtype))
         return out
+
+    def mix_soft(self, x: Tensor, weights: Tensor, shared: nn.Module | None = None) -> Tensor:
+        """sum_e weights[:, e] * expert_e(x) (+ ``shared``(x)) for dense weights (n, E): the soft router's call."""
+        out = torch.einsum("ned,ne->nd", self.all_experts(x), weights.to(x.dtype))
+        return out if shared is None else out + shared(x)
+
+    def mix_grouped(self, x: Tensor, weights: Tensor, top_k: int, impl: str | None = None) -> Tensor:
+        """The grouped top-k dispatch's call; int8 runs it as ``mix_sparse`` (same sum)."""
+        return self.mix_sparse(x, weights)
 
     def all_experts(self, x: Tensor) -> Tensor:
         """Every expert on every token: (n, d_model) -> (n, E, d_model)."""

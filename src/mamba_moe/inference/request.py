@@ -16,6 +16,16 @@ _ids = itertools.count()
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits, before
+    temperature and the other sampling filters) and the ``k`` most likely tokens at that step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class StreamEvent:
     """What one decode step produced for one request: a text delta and the new token ids.
 
@@ -27,6 +37,7 @@ class StreamEvent:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None   # one per token id, when the request asked for them
 
 
 @dataclass
@@ -37,6 +48,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -67,6 +79,7 @@ class Request:
         self.decoder = IncrementalDecoder(self.tokenizer, self.prompt_ids) if self.tokenizer is not None else None
         self.stops = StopMatcher(self.params.stop)
         self.seen: Tensor | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
         if self.params.repetition_penalty != 1.0:
             self.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
             self.seen[torch.tensor(self.prompt_ids, dtype=torch.long)] = True
@@ -93,9 +106,17 @@ class Request:
         seen = None if self.seen is None else self.seen.to(logits.device)
         return sample_token(logits, self.params, seen, self.generator)
 
-    def accept(self, token: int) -> StreamEvent:
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> StreamEvent:
         """Record a generated token; return the text it completes and whether the request is finished."""
         self.output_ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+        event = self._accept(token)
+        if self.logprobs is not None and logprob is not None:
+            event.logprobs = [logprob]
+        return event
+
+    def _accept(self, token: int) -> StreamEvent:
         if self.seen is not None:
             self.seen[token] = True
         if token in self.stop_ids:
@@ -126,4 +147,5 @@ class Request:
     def completion(self) -> Completion:
         if self.finish_reason is None:
             raise RuntimeError(f"request {self.request_id}: still running")
-        return Completion(self.text, list(self.output_ids), self.finish_reason, len(self.prompt_ids))
+        return Completion(self.text, list(self.output_ids), self.finish_reason, len(self.prompt_ids),
+                          None if self.logprobs is None else list(self.logprobs))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+MAX_LOGPROBS = 20   # alternatives per token, as OpenAI's top_logprobs
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,6 +30,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the tokenizer's end tokens
     seed: int | None = None             # None = a fresh random seed per request
     ignore_eos: bool = False            # keep going past end tokens (benchmarks)
+    logprobs: int | None = None         # None = off; k >= 0: each token's log-probability + the k most likely
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +61,9 @@ class SamplingParams:
             fail("min_p", "must be in [0, 1]")
         if number("repetition_penalty") <= 0:
             fail("repetition_penalty", "must be > 0 (1 = off)")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            fail("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "must be non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):

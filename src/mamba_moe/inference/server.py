@@ -44,7 +44,8 @@ def _require_web() -> None:
 def create_app(engine: Engine, model_name: str, limits: api.Limits, max_batch: int = 8, max_queue: int = 64) -> Any:
     """The ASGI app; its worker thread starts and stops with the app's lifespan."""
     _require_web()
-    worker = Worker(engine.model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=engine.prefill_chunk)
+    worker = Worker(engine.model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=engine.prefill_chunk,
+                    decoder=engine.decoder)
     created = int(time.time())
 
     @asynccontextmanager
@@ -79,68 +80,105 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits, max_batch: i
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise api.APIError(400, f"request body: not valid JSON ({err})") from err
 
+    def logprobs_json(chat: bool, items: Any, offset: int = 0) -> Any:
+        if chat:
+            return api.chat_logprobs(items, engine.tokenizer)
+        return api.completion_logprobs(items, engine.tokenizer, offset)
+
     async def complete(request: Any, chat: bool) -> Any:
         parsed = api.parse_request(await body_of(request), engine, limits, model_name, chat)
-        try:
-            job = Job(engine.request(parsed.prompt_ids, parsed.params), asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        try:  # one job per choice (n > 1): the worker batches them like separate requests
+            jobs = [Job(engine.request(parsed.prompt_ids, params), loop) for params in parsed.choice_params()]
         except ValueError as err:
             raise api.APIError(400, str(err)) from err
+        submitted: list[Job] = []
         try:
-            worker.submit(job)
+            for job in jobs:
+                worker.submit(job)
+                submitted.append(job)
         except BusyError as err:
+            for job in submitted:
+                job.cancelled.set()
             raise api.APIError(503, str(err), kind="server_error", code="busy") from err
         rid = api.new_id(chat)
         n_prompt = len(parsed.prompt_ids)
         if parsed.stream:
-            return StreamingResponse(sse(job, rid, chat, n_prompt, parsed.include_usage),
+            return StreamingResponse(sse(jobs, rid, chat, n_prompt, parsed.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        parts, reason, n_out = [], None, 0
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if item is None:
-                    break
-                if isinstance(item, Exception):
-                    raise api.APIError(500, f"generation failed: {item}", kind="server_error")
-                parts.append(item.text)
-                n_out += len(item.token_ids)
-                reason = item.finish_reason or reason
-        finally:
-            if reason is None:
-                job.cancelled.set()
-        return api.response(chat, rid, model_name, "".join(parts), reason, n_prompt, n_out)
+        choices, n_out = [], 0
+        for index, job in enumerate(jobs):
+            parts, reason, items = [], None, ([] if parsed.params.logprobs is not None else None)
+            try:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            for other in jobs:
+                                other.cancelled.set()
+                            return JSONResponse({}, status_code=499)
+                        continue
+                    if item is None:
+                        break
+                    if isinstance(item, Exception):
+                        raise api.APIError(500, f"generation failed: {item}", kind="server_error")
+                    parts.append(item.text)
+                    n_out += len(item.token_ids)
+                    if items is not None and item.logprobs:
+                        items.extend(item.logprobs)
+                    reason = item.finish_reason or reason
+            finally:
+                if reason is None:
+                    for other in jobs[index:]:
+                        other.cancelled.set()
+            choices.append(api.choice(chat, index, "".join(parts), reason, logprobs_json(chat, items)))
+        return api.response(chat, rid, model_name, choices, n_prompt, n_out)
 
-    async def sse(job: Job, rid: str, chat: bool, n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
+    async def sse(jobs: list[Job], rid: str, chat: bool, n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
         def data(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-        n_out, done = 0, False
-        try:
-            if chat:
-                yield data(api.chunk(chat, rid, model_name, "", None, first=True))
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, job: Job) -> None:  # one job's events into the merged stream
             while True:
                 item = await job.events.get()
+                await merged.put((index, item))
                 if item is None:
-                    break
+                    return
+
+        pumps = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        n_out, running, done, offsets = 0, len(jobs), set(), [0] * len(jobs)
+        try:
+            if chat:
+                for i in range(len(jobs)):
+                    yield data(api.chunk(chat, rid, model_name, "", None, first=True, index=i))
+            while running:
+                i, item = await merged.get()
+                if item is None:
+                    running -= 1
+                    continue
                 if isinstance(item, Exception):
                     yield data(api.APIError(500, f"generation failed: {item}", kind="server_error").body())
                     break
                 n_out += len(item.token_ids)
-                if item.text or item.finish_reason:
-                    yield data(api.chunk(chat, rid, model_name, item.text or None, item.finish_reason))
-                done = item.finish_reason is not None or done
+                logprobs = logprobs_json(chat, item.logprobs, offsets[i]) if item.logprobs else None
+                if item.text or item.finish_reason or logprobs:
+                    yield data(api.chunk(chat, rid, model_name, item.text or None, item.finish_reason, index=i,
+                                         logprobs=logprobs))
+                offsets[i] += len(item.text)
+                if item.finish_reason is not None:
+                    done.add(i)
             if include_usage:
                 yield data(api.chunk(chat, rid, model_name, None, None, usage_=api.usage(n_prompt, n_out)))
             yield "data: [DONE]\n\n"
-        finally:  # the client went away (or we finished): free the slot
-            if not done:
-                job.cancelled.set()
+        finally:  # the client went away (or we finished): free the slots
+            for task in pumps:
+                task.cancel()
+            for i, job in enumerate(jobs):
+                if i not in done:
+                    job.cancelled.set()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import get_preset
 from ..model.lm import MambaMoEForCausalLM
 from .chat import CHATML_TEMPLATE
@@ -43,12 +45,21 @@ def build_toy_tokenizer(text: str | None = None, vocab_size: int = 384) -> Any:
 
 
 def save_toy_checkpoint(path: str | os.PathLike, preset: str = "mamba-moe-tiny", text: str | None = None,
-                        **overrides: Any) -> Path:
-    """Write a random ``preset`` model (vocab sized to the toy tokenizer) and the tokenizer to ``path``."""
+                        seed: int | None = None, **overrides: Any) -> Path:
+    """Write a random ``preset`` model (vocab sized to the toy tokenizer) and the tokenizer to ``path``.
+
+    ``seed`` fixes the random weights (without touching the global RNG), so a test can replay a checkpoint;
+    ``None`` draws them from the global RNG.
+    """
     path = Path(path)
     tokenizer = build_toy_tokenizer(text)
     config = get_preset(preset, vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **overrides)
-    model = MambaMoEForCausalLM(config)
+    if seed is None:
+        model = MambaMoEForCausalLM(config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = MambaMoEForCausalLM(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(str(path))
     return path

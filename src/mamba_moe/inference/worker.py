@@ -43,8 +43,9 @@ class BusyError(Exception):
 
 
 class Worker:
-    def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512) -> None:
-        self.batch = DecodeBatch(model, prefill_chunk)
+    def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 512,
+                 decoder: Any = None) -> None:
+        self.batch = DecodeBatch(model, prefill_chunk, decoder)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.inbox: queue.Queue[Job] = queue.Queue()
