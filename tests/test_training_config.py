@@ -32,6 +32,16 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("lr: 0.001\nmin_lr: 0.01\n", [], "min_lr"),
     ("lr: 0.001\n", ["batch_size=0"], "batch_size"),
     ("lr: 0.001\n", ["nokey"], "key=value"),
+    ("lr: 0.001\n", ["distill.alpah=0.3"], "did you mean 'alpha'"),
+    ("lr: 0.001\n", ["distill.alpha=0.3"], "distill.teacher: required"),
+    ("distill: {teacher: x, alpha: 2}\n", [], "distill.alpha"),
+    ("lr: 0.001\n", ["distributed=fdsp"], "did you mean 'fsdp'"),
+    ("lr: 0.001\n", ["qat.bits=3"], "qat.bits: must be 4 or 8"),
+    ("lr: 0.001\n", ["data.source=chats"], "did you mean 'chat'"),
+    ("data: {source: chat}\n", [], "data.path: required"),
+    ("lr: 0.001\n", ["domain_routing.coef=0.1"], "domain_routing.experts"),
+    ("lr: 0.001\n", ["domain_routing.experts={code: -1}"], "domain_routing.experts.code"),
+    ("lr: 0.001\n", ["activation_checkpointing=yes please"], "activation_checkpointing"),
 ])
 def test_errors_name_the_key(tmp_path, text, overrides, needle) -> None:
     with pytest.raises(ConfigError, match=needle):

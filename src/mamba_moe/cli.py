@@ -11,7 +11,8 @@ import torch
 
 from .config import PRESETS, ConfigError, MambaMoEConfig, get_preset
 
-_SUBCOMMAND_MODULES: list[str] = ["mamba_moe.inference.cli", "mamba_moe.data.cli", "mamba_moe.training.cli"]
+_SUBCOMMAND_MODULES: list[str] = ["mamba_moe.inference.cli", "mamba_moe.data.cli", "mamba_moe.training.cli",
+                                   "mamba_moe.training.distill_cli"]
 
 
 def _load_config(args: argparse.Namespace) -> MambaMoEConfig:

@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from ..atomic import atomic_directory
+from ..config import ConfigError
 
 STATE_NAME = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -58,14 +60,34 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def write_weights(path: str | Path, model_config: Any, weights: dict[str, Tensor]) -> None:
+    """``model.safetensors`` + ``config.json`` as ``save_pretrained`` writes them, from a state dict with
+    plain names (gathered from FSDP shards, or the latent weights of a QAT model)."""
+    from safetensors.torch import save_file
+
+    from ..model.lm import CONFIG_NAME, WEIGHTS_NAME
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path / WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    model_config.save(path / CONFIG_NAME)
+
+
 def save_checkpoint(root: str | Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any],
-                    config_yaml: str, keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically under ``root`` and prune to the newest ``keep_last``."""
+                    config_yaml: str, keep_last: int, weights: dict[str, Tensor] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically under ``root`` and prune to the newest ``keep_last``.
+
+    ``weights``: the model's state dict under plain names when ``model.state_dict()`` is not that (QAT
+    parametrizations, FSDP shards); ``model.save_pretrained`` is used otherwise."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     with atomic_directory(final) as tmp:  # a step written again (a resumed run) is replaced whole
-        model.save_pretrained(tmp)
+        if weights is None:
+            model.save_pretrained(tmp)
+        else:
+            write_weights(tmp, model.config, weights)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "train_config.yaml").write_text(config_yaml)
         torch.save(state, tmp / STATE_NAME)
@@ -79,3 +101,52 @@ def save_checkpoint(root: str | Path, step: int, model: Any, tokenizer: Any, sta
 def load_state(path: str | Path) -> dict[str, Any]:
     """The trainer state of a checkpoint directory (our own file: full unpickling is intended)."""
     return torch.load(Path(path) / STATE_NAME, map_location="cpu", weights_only=False)
+
+
+def resolve_init_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory ``--checkpoint`` names: a checkpoint itself (``config.json`` +
+    ``model.safetensors``), or a run's output folder / its ``checkpoints/`` (then the newest one in it)."""
+    from ..model.lm import CONFIG_NAME, WEIGHTS_NAME
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--checkpoint {path}: no such directory")
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint {path}: not a directory (give a checkpoint directory, e.g. "
+                          "runs/stage1/checkpoints/step-040000, or a run's output folder)")
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / CONFIG_NAME).exists() or (candidate / WEIGHTS_NAME).exists():
+            missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (candidate / n).exists()]
+            if missing:
+                raise ConfigError(f"--checkpoint {candidate}: missing {' and '.join(missing)}; not a complete "
+                                  "checkpoint")
+            return candidate
+        newest = latest_checkpoint(candidate)
+        if newest is not None:
+            return newest
+    raise ConfigError(f"--checkpoint {path}: not a checkpoint (no {CONFIG_NAME} + {WEIGHTS_NAME}) and no "
+                      "finished step-N checkpoint under it")
+
+
+def plain_name(name: str) -> str:
+    """``a.parametrizations.weight.original`` (torch parametrize) -> ``a.weight``."""
+    return re.sub(r"\.parametrizations\.([^.]+)\.original$", r".\1", name)
+
+
+def load_plain_weights(model: nn.Module, weights: dict[str, Tensor], source: str) -> None:
+    """Load a plain-named state dict into ``model``, also when its weights are parametrized (QAT): every
+    tensor is copied in place, so parameter identity (and an optimizer built on them) is kept."""
+    from ..model.lm import load_state_dict_checked
+
+    own = {plain_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    if all(plain_name(k) == k for k in model.state_dict()):
+        load_state_dict_checked(model, weights, source)
+        return
+    problems = [f"missing {k}" for k in own if k not in weights] + [f"unexpected {k}" for k in weights if k not in own]
+    problems += [f"{k}: shape {tuple(weights[k].shape)}, model expects {tuple(v.shape)}"
+                 for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"{source}: weights do not fit the model: {'; '.join(problems[:12])}")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(weights[k])

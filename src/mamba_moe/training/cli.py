@@ -1,4 +1,4 @@
-"""``mamba-moe train --config FILE [--resume] [key=value ...]``: run a training config end to end.
+"""``mamba-moe train --config FILE [--checkpoint DIR] [--resume] [key=value ...]``: run a training config.
 
 After training it prints the numbers that say whether the model learned anything: final validation loss and
 perplexity beside the unigram entropy of the training tokens, and a generated sample.
@@ -17,25 +17,37 @@ def register(subparsers: Any) -> None:
                               description="Train from a YAML config; key=value overrides use dotted keys "
                                           "(e.g. lr=1e-3 model.overrides.d_model=256 data.max_docs=50).")
     p.add_argument("--config", required=True, help="training config (YAML), e.g. configs/train/demo.yaml")
-    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="start from these weights (a checkpoint dir, or a run's output folder: its newest "
+                        "checkpoint); the model config comes from it, optimizer/schedule/step start fresh")
+    p.add_argument("--resume", action="store_true",
+                   help="continue this run (its output folder) exactly from its newest checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
-    from .report import sample_text, unigram_entropy
+    from .report import sample_text, unigram_entropy, unigram_entropy_of
     from .trainer import Trainer, TrainingDiverged
 
     cfg = TrainConfig.load(args.config, args.overrides)
+    if args.checkpoint:
+        cfg.init_from = args.checkpoint
     start = time.perf_counter()
     trainer = Trainer(cfg)
     print(f"preparing data ({cfg.data.source}) …", flush=True)
     trainer.setup()
     model = trainer.model
-    print(f"model: {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active); "
-          f"device {trainer.device}; data {trainer.shards}; {len(trainer.train_ds):,} train windows of "
-          f"{cfg.seq_len}; data-parallel processes: {trainer.dist.world_size}", flush=True)
+    if trainer.dist.is_main:
+        start_from = f"; weights from {trainer.init_dir}" if trainer.init_dir else ""
+        extras = [name for name, on in (("QAT", cfg.qat), ("distillation", cfg.distill),
+                                        ("domain routing", cfg.domain_routing),
+                                        ("activation checkpointing", cfg.activation_checkpointing)) if on]
+        print(f"model: {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active); "
+              f"device {trainer.device}; {trainer.data.describe()}; data-parallel processes: "
+              f"{trainer.dist.world_size} ({trainer.parallel}){start_from}"
+              + (f"; {', '.join(extras)}" if extras else ""), flush=True)
     try:
         result = trainer.train(resume=args.resume)
     except TrainingDiverged as err:
@@ -48,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if not trainer.dist.is_main:
         return 0
-    entropy = unigram_entropy(trainer.shards, "train")
+    entropy = (unigram_entropy(trainer.shards, "train") if trainer.shards is not None
+               else unigram_entropy_of(trainer.data.trained_token_ids()))
     losses = result.losses
     if losses:
         k = max(1, min(10, len(losses) // 4))
@@ -61,7 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"unigram entropy of the training tokens: {entropy:.3f} nats/token (no validation split)")
     print(f"checkpoint: {result.checkpoint} (model + tokenizer + trainer state)")
+    if result.quantized:
+        print(f"QAT: quantized weights (convert_qat) in {result.quantized}")
     print(f"sample ({cfg.sample_tokens} tokens, temperature 0.7, top-k 40):")
+    model = trainer.inference_model(result.checkpoint)
     print(sample_text(model, trainer.tokenizer, cfg.sample_prompt, cfg.sample_tokens, trainer.device, seed=cfg.seed))
     print(f"wall time {time.perf_counter() - start:.0f}s; {result.tokens_per_s:.0f} train tokens/s", flush=True)
     return 0

@@ -18,6 +18,8 @@ from ..config import ConfigError, MambaMoEConfig, get_preset
 
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "fp32", "bf16")
+DATA_SOURCES = ("stdlib", "shards", "chat")
+PARALLEL = ("auto", "ddp", "fsdp")
 
 
 def _unknown(key: str, names: list[str], where: str) -> ConfigError:
@@ -44,14 +46,45 @@ class ModelSpec:
 
 @dataclass
 class DataSpec:
-    """Prepared shards (``path``), or ``stdlib``: the embedded corpus, tokenized and prepared on first use."""
+    """Prepared shards (``path``); ``stdlib``: the embedded corpus, tokenized and prepared on first use; or
+    ``chat``: JSONL chats (``messages`` lists) for supervised fine-tuning, loss on assistant tokens only."""
 
-    source: str = "stdlib"                # "stdlib" or "shards"
-    path: str | None = None               # shards folder (source=shards) or where stdlib shards go
-    tokenizer: str | None = None          # tokenizer dir for source=shards (default: the manifest's)
-    vocab_size: int = 8192                # stdlib tokenizer size
-    max_docs: int | None = None           # cap on stdlib files (tests, quick demos)
-    val_fraction: float = 0.02
+    source: str = "stdlib"                # "stdlib", "shards" or "chat"
+    path: str | list[str] | None = None   # shards folder (shards) / where stdlib shards go / chat JSONL file(s)
+    tokenizer: str | None = None          # tokenizer dir or .gguf (default: manifest's / --checkpoint's / trained)
+    vocab_size: int = 8192                # stdlib tokenizer size (when no tokenizer is given)
+    max_docs: int | None = None           # cap on stdlib files or chats (tests, quick demos)
+    val_fraction: float = 0.02            # stdlib and chat: share held out for validation
+    messages_field: str = "messages"      # chat: the JSONL field holding the message list
+    pack: bool = False                    # chat: several chats per row (False: one chat per row, padded)
+    isolate_documents: bool = False       # stdlib/shards: each packed document computed alone (document_ids)
+
+
+@dataclass
+class DistillSpec:
+    """Logit distillation: loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)."""
+
+    teacher: str = ""                     # HF dir, .gguf, one of our checkpoints, or "smollm2"
+    alpha: float = 0.5
+    temperature: float = 2.0
+    topk_dir: str | None = None           # precomputed teacher top-k (written on first use, then reused)
+    topk: int = 32                        # k when topk_dir is written
+
+
+@dataclass
+class QATSpec:
+    """Quantization-aware training: group-wise symmetric fake quantization of linear weights (STE)."""
+
+    bits: int = 4
+    group_size: int = 32
+
+
+@dataclass
+class DomainRoutingSpec:
+    """Domain-guided routing: router cross-entropy toward a preferred expert per data domain, times ``coef``."""
+
+    coef: float = 0.01
+    experts: dict[str, int] = field(default_factory=dict)   # domain name -> routed expert index
 
 
 @dataclass
@@ -84,12 +117,18 @@ class TrainConfig:
     progress: bool = True
     sample_prompt: str = "def "
     sample_tokens: int = 64
+    init_from: str | None = None          # start from these weights (`--checkpoint DIR`); fresh optimizer/step
+    distributed: str = "auto"             # with torchrun: ddp | fsdp (FSDP2 fully_shard) | auto
+    activation_checkpointing: bool = False
+    tensorboard: bool = False             # also write <output>/tensorboard event files
+    distill: DistillSpec | None = None
+    qat: QATSpec | None = None
+    domain_routing: DomainRoutingSpec | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = _build(ModelSpec, self.model, "model.")
-        if isinstance(self.data, dict):
-            self.data = _build(DataSpec, self.data, "data.")
+        for name, cls in _SECTIONS.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, _build(cls, getattr(self, name), f"{name}."))
         self.validate()
 
     def validate(self) -> None:
@@ -117,10 +156,37 @@ class TrainConfig:
                 hint = difflib.get_close_matches(str(v), allowed, n=1)
                 raise ConfigError(f"{name}: {v!r} is not one of {list(allowed)}"
                                   + (f"; did you mean {hint[0]!r}?" if hint else ""))
-        if self.data.source not in ("stdlib", "shards"):
-            raise ConfigError(f"data.source: {self.data.source!r} is not 'stdlib' or 'shards'")
-        if self.data.source == "shards" and not self.data.path:
-            raise ConfigError("data.path: required when data.source is 'shards'")
+        _choice("data.source", self.data.source, DATA_SOURCES)
+        _choice("distributed", self.distributed, PARALLEL)
+        if self.data.source in ("shards", "chat") and not self.data.path:
+            raise ConfigError(f"data.path: required when data.source is {self.data.source!r}")
+        for name in ("activation_checkpointing", "tensorboard", "progress", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false (got {getattr(self, name)!r})")
+        if self.distill is not None:
+            d = self.distill
+            if not isinstance(d.teacher, str) or not d.teacher:
+                raise ConfigError("distill.teacher: required (a model directory, a .gguf file, or 'smollm2')")
+            if not 0 <= d.alpha <= 1:
+                raise ConfigError(f"distill.alpha: must be in [0, 1] (got {d.alpha!r})")
+            if not d.temperature > 0:
+                raise ConfigError(f"distill.temperature: must be > 0 (got {d.temperature!r})")
+            if not isinstance(d.topk, int) or d.topk < 1:
+                raise ConfigError(f"distill.topk: must be a positive integer (got {d.topk!r})")
+        if self.qat is not None:
+            if self.qat.bits not in (4, 8):
+                raise ConfigError(f"qat.bits: must be 4 or 8 (got {self.qat.bits!r})")
+            if not isinstance(self.qat.group_size, int) or self.qat.group_size < 1:
+                raise ConfigError(f"qat.group_size: must be a positive integer (got {self.qat.group_size!r})")
+        if self.domain_routing is not None:
+            r = self.domain_routing
+            if not r.coef >= 0:
+                raise ConfigError(f"domain_routing.coef: must be >= 0 (got {r.coef!r})")
+            if not isinstance(r.experts, dict) or not r.experts:
+                raise ConfigError("domain_routing.experts: map at least one data domain to an expert index")
+            for dom, idx in r.experts.items():
+                if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+                    raise ConfigError(f"domain_routing.experts.{dom}: must be an expert index >= 0 (got {idx!r})")
 
     # ---- I/O -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -150,6 +216,17 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), allowed, n=1)
+        raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}"
+                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+
+_SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "distill": DistillSpec, "qat": QATSpec,
+                              "domain_routing": DomainRoutingSpec}
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -199,7 +276,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 fields = {f.name: f for f in dataclasses.fields(cls)}
                 if part not in fields:
                     raise _unknown(part, list(fields), ".".join(parts[:i]) + ("." if i else ""))
-                cls = {"model": ModelSpec, "data": DataSpec}.get(part) if cls is TrainConfig else None
+                cls = _SECTIONS.get(part) if cls is TrainConfig else None
             if i == len(parts) - 1:
                 node[part] = value
             else:

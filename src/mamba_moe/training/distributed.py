@@ -50,6 +50,15 @@ def mean_across_ranks(values: list[float], info: DistInfo, device: torch.device)
     return (t / info.world_size).tolist()
 
 
+def sum_across_ranks(value: float, info: DistInfo, device: torch.device) -> float:
+    """Sum of a per-rank scalar (e.g. the global batch's count of target tokens)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0])
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -34,6 +34,16 @@ def unigram_entropy(shards: str | Path, split: str = "train") -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def unigram_entropy_of(arrays: list[np.ndarray]) -> float:
+    """Entropy (nats/token) of the token frequencies in ``arrays`` (e.g. the trained tokens of chats)."""
+    ids = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays]) if arrays else np.zeros(0, np.int64)
+    if not len(ids):
+        raise ValueError("unigram_entropy_of: no tokens")
+    counts = np.bincount(ids)
+    p = counts[counts > 0] / len(ids)
+    return float(-(p * np.log(p)).sum())
+
+
 @torch.no_grad()
 def sample_text(model: Any, tokenizer: Any, prompt: str, n_tokens: int, device: torch.device,
                 temperature: float = 0.7, top_k: int = 40, seed: int = 0) -> str:
@@ -42,6 +52,7 @@ def sample_text(model: Any, tokenizer: Any, prompt: str, n_tokens: int, device: 
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    stop = {tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")}  # end of text / end of a chat turn
     cache = model.new_cache(1, device=device)
     logits = model(ids, cache=cache).logits[:, -1]
     out = []
@@ -50,7 +61,7 @@ def sample_text(model: Any, tokenizer: Any, prompt: str, n_tokens: int, device: 
         kth = scaled.topk(min(top_k, scaled.shape[-1])).values[:, -1:]
         probs = torch.softmax(scaled.masked_fill(scaled < kth, -math.inf), -1)
         token = torch.multinomial(probs, 1, generator=gen)
-        if int(token) == tokenizer.eos_token_id:
+        if int(token) in stop:
             break
         out.append(int(token))
         logits = model(token.to(device), cache=cache).logits[:, -1]

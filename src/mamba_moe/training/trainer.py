@@ -2,14 +2,15 @@
 
 One ``Trainer`` per run. ``setup()`` builds everything (so tests can reach in before ``train()``);
 ``train(resume=True)`` continues from the newest checkpoint with bitwise-identical results on CPU.
+Options layered on the plain LM loss (each off unless configured): starting weights from another run
+(``init_from``), logit distillation (``distill``), quantization-aware training (``qat``), domain-guided
+routing (``domain_routing``), activation checkpointing, DDP or FSDP2 under torchrun, TensorBoard.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -21,16 +22,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import Tensor
 
-from ..config import ConfigError
-from ..data import PackedDataset, PackedLoader, load_tokenizer, prepare_stdlib, stdlib_tokenizer
-from ..data.shards import load_manifest
-from ..data.tokenizer import default_cache_dir, vocab_size_of
+from ..config import ConfigError, MambaMoEConfig
+from ..data.tokenizer import vocab_size_of
 from ..model import MambaMoEForCausalLM
-from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from .batches import IGNORE_INDEX, StepBatch, TrainData
+from .checkpoint import (
+    latest_checkpoint,
+    load_plain_weights,
+    load_state,
+    resolve_init_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_weights,
+)
 from .config import TrainConfig
-from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
-from .optim import build_optimizer
+from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, sum_across_ranks
+from .metrics import MetricsWriter
+from .optim import build_optimizer, no_decay
 from .schedule import lr_at
 
 
@@ -46,6 +57,7 @@ class TrainResult:
     checkpoint: Path | None = None
     shards: Path | None = None
     tokens_per_s: float = 0.0
+    quantized: Path | None = None                        # QAT: the converted (quantized-weights) checkpoint
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -64,6 +76,10 @@ class Trainer:
         self.amp = self.device.type == "cuda" and cfg.dtype in ("auto", "bf16")
         self.step = 0
         self.dist = DistInfo()
+        self.parallel = "none"       # none | ddp | fsdp
+        self.teacher: Any = None
+        self.topk: Any = None
+        self.last_checkpoint: Path | None = None
 
     # ---- setup --------------------------------------------------------------------------------
     def setup(self) -> Trainer:
@@ -77,139 +93,327 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.tokenizer, self.shards = self._data()
-        self.train_ds = PackedDataset(self.shards, cfg.seq_len, "train", tokenizer=self.tokenizer)
-        self.loader = PackedLoader(self.train_ds, cfg.batch_size * cfg.grad_accum, rank=self.dist.rank,
-                                   world_size=self.dist.world_size, seed=cfg.seed)
-        try:
-            self.val_ds: PackedDataset | None = PackedDataset(self.shards, cfg.seq_len, "val",
-                                                              expected_hash=self.train_ds.manifest["tokenizer"]["hash"])
-        except ValueError as err:
-            self.log(f"no validation windows ({err}); validation skipped")
-            self.val_ds = None
-        mcfg = cfg.model.build()
+        self.init_dir = resolve_init_checkpoint(cfg.init_from) if cfg.init_from else None
+        self.data = TrainData(cfg, self.dist, self.init_dir, self.log)
+        self.tokenizer, self.shards = self.data.tokenizer, self.data.shards
+        self.train_ds = self.data.train_ds
+        self.model = self._build_model()
+        self.qat_names: list[str] = []
+        if cfg.qat is not None:
+            from .qat import prepare_qat
+
+            self.qat_names = prepare_qat(self.model, bits=cfg.qat.bits, group_size=cfg.qat.group_size)
+        self._expert_table = self._domain_routing_table()
+        keep = {name for name, p in self.model.named_parameters() if no_decay(name, p)}  # before sharding
+        self._wrap()
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), self.device,
+                                         no_decay_names=keep)
+        if cfg.distill is not None:
+            self._setup_distillation()
+        return self
+
+    def _build_model(self) -> MambaMoEForCausalLM:
+        cfg = self.cfg
+        if self.init_dir is not None:
+            from safetensors.torch import load_file
+
+            from ..model.lm import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_checked
+
+            mcfg = MambaMoEConfig.load(self.init_dir / CONFIG_NAME)
+            if cfg.model.overrides or cfg.model.config:
+                self.log(f"model: taken from {self.init_dir}; the config's model section is not used")
+        else:
+            mcfg = cfg.model.build()
         n_vocab = vocab_size_of(self.tokenizer)
         if mcfg.vocab_size < n_vocab:
             raise ConfigError(f"model.vocab_size: {mcfg.vocab_size} is smaller than the tokenizer's {n_vocab} ids")
         if mcfg.max_position_embeddings < cfg.seq_len:
             raise ConfigError(f"seq_len: {cfg.seq_len} exceeds the model's max_position_embeddings "
                               f"({mcfg.max_position_embeddings})")
-        self.model = MambaMoEForCausalLM(mcfg).to(self.device)
-        self.model.train()
-        self.forward: Any = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+        model = MambaMoEForCausalLM(mcfg)
+        if self.init_dir is not None:
+            load_state_dict_checked(model, load_file(str(self.init_dir / WEIGHTS_NAME)), str(self.init_dir))
+        model = model.to(self.device)
+        model.train()
+        if cfg.activation_checkpointing:
+            model.set_gradient_checkpointing(True)
+        return model
 
-            self.forward = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.ddp = self.forward
+    def _wrap(self) -> None:
+        """DDP or FSDP2 under torchrun (``distributed``: ddp | fsdp | auto), optional torch.compile."""
+        cfg = self.cfg
+        self.forward: Any = self.model
+        self.ddp: Any = None
+        if self.dist.enabled:
+            self.parallel = self._parallel_mode()
+            if self.parallel == "fsdp":
+                if cfg.qat is not None:
+                    raise ConfigError("qat: not supported with distributed=fsdp yet (parametrized weights are not "
+                                      "sharded); use distributed=ddp")
+                from .fsdp import shard_model
+
+                shard_model(self.model, self.device, bf16=self.amp)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.ddp = self.forward = DistributedDataParallel(
+                    self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile and self.device.type == "cuda":
             self.forward = torch.compile(self.forward)
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), self.device)
-        return self
 
-    def _data(self) -> tuple[Any, Path]:
-        d = self.cfg.data
-        if d.source == "shards":
-            shards = Path(d.path)
-            tok_path = d.tokenizer or load_manifest(shards)["tokenizer"]["path"]
-            return load_tokenizer(tok_path), shards
-        if not self.dist.is_main:  # rank 0 trains the tokenizer and writes the shards; the others reuse them
-            barrier(self.dist)
-        tok = stdlib_tokenizer(vocab_size=d.vocab_size)
-        cap = f"-n{d.max_docs}" if d.max_docs else ""
-        shards = Path(d.path) if d.path else default_cache_dir() / "shards" / f"stdlib-v{d.vocab_size}{cap}"
-        prepare_stdlib(tok.name_or_path, shards, val_fraction=d.val_fraction, max_docs=d.max_docs,
-                       workers=1 if d.max_docs else 0)
-        if self.dist.is_main:
-            barrier(self.dist)
-        return tok, shards
+    def _parallel_mode(self) -> str:
+        """``auto``: FSDP when one replica's weights + AdamW state (16 bytes/parameter) would take more than
+        half of a GPU's memory, DDP otherwise (and always on CPU)."""
+        if self.cfg.distributed != "auto":
+            return self.cfg.distributed
+        if self.device.type != "cuda":
+            return "ddp"
+        need = 16 * sum(p.numel() for p in self.model.parameters())
+        return "fsdp" if need > 0.5 * torch.cuda.get_device_properties(self.device).total_memory else "ddp"
+
+    def _domain_routing_table(self) -> Tensor | None:
+        """Data domain index -> preferred expert (-1 = none), from ``domain_routing.experts``."""
+        spec = self.cfg.domain_routing
+        if spec is None:
+            return None
+        mcfg = self.model.config
+        if "moe" not in mcfg.layer_ffns:
+            raise ConfigError("domain_routing: the model has no MoE layer (model layer_ffns has no 'moe')")
+        for dom, idx in spec.experts.items():
+            if dom not in self.data.domains:
+                raise ConfigError(f"domain_routing.experts.{dom}: no such data domain (the data has "
+                                  f"{self.data.domains})")
+            if idx >= mcfg.moe_num_experts:
+                raise ConfigError(f"domain_routing.experts.{dom}: expert {idx} out of range (the model has "
+                                  f"{mcfg.moe_num_experts} routed experts)")
+        return torch.tensor([spec.experts.get(d, -1) for d in self.data.domains], dtype=torch.long)
+
+    def _setup_distillation(self) -> None:
+        from .distill import DistillationError, check_same_vocabulary
+        from .distill import load_teacher as load
+
+        def load_teacher(path: str, device: torch.device, dtype: torch.dtype) -> Any:
+            try:
+                return load(path, device, dtype)
+            except DistillationError as err:
+                raise ConfigError(f"distill.teacher: {err}") from err
+
+        spec = self.cfg.distill
+        dtype = torch.bfloat16 if self.amp else torch.float32
+        if spec.topk_dir:
+            from .teacher_topk import TeacherTopK, precompute_teacher_topk
+
+            if self.data.token_weighted:
+                raise ConfigError("distill.topk_dir: precomputed top-k needs packed data (data.source stdlib or "
+                                  "shards), whose windows have ids; for chats, leave topk_dir unset")
+            out = Path(spec.topk_dir)
+            if not (out / "manifest.json").exists():
+                if self.dist.is_main:
+                    teacher = load_teacher(spec.teacher, self.device, dtype)
+                    self._check_vocab(check_same_vocabulary, teacher)
+                    n = len(self.train_ds)
+                    self.log(f"distill: precomputing the teacher's top-{spec.topk} for {n:,} windows -> {out}")
+                    rows = 64  # teacher inference batch
+                    batches = (torch.stack([self._window(i) for i in range(a, min(a + rows, n))])
+                               for a in range(0, n, rows))
+                    precompute_teacher_topk(teacher, batches, spec.topk, out,
+                                            metadata={"data": str(self.shards), "seq_len": self.cfg.seq_len})
+                    del teacher
+                barrier(self.dist)
+            self.topk = TeacherTopK(out)
+            if len(self.topk) != len(self.train_ds):
+                raise ConfigError(f"distill.topk_dir: {out} holds {len(self.topk)} windows, the training data "
+                                  f"{len(self.train_ds)}; it was computed for other data or seq_len")
+            return
+        self.teacher = load_teacher(spec.teacher, self.device, dtype)
+        self._check_vocab(check_same_vocabulary, self.teacher)
+
+    def _check_vocab(self, check: Callable[[Any, Any], None], teacher: Any) -> None:
+        from .distill import DistillationError
+
+        try:
+            check(teacher.tokenizer, self.tokenizer)
+        except DistillationError as err:
+            where = self.cfg.data.tokenizer or (self.init_dir or self.shards or "the data's tokenizer")
+            raise ConfigError(f"distill.teacher: {self.cfg.distill.teacher} vs the student tokenizer ({where}): "
+                              f"{err}") from err
+
+    def _window(self, window_id: int) -> Tensor:
+        stream, k = self.train_ds.locate(window_id)
+        return torch.from_numpy(self.train_ds.window(stream, k)[0][:-1])
 
     # ---- one step -------------------------------------------------------------------------------
-    def _loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def _forward(self, mb: StepBatch, logits: bool) -> Any:
+        kwargs: dict[str, Any] = {"attention_mask": mb.attention_mask}
+        if self._expert_table is not None:
+            experts = self._expert_table.to(mb.domain_ids.device)[mb.domain_ids]
+            kwargs["expert_targets"] = experts[:, None].expand_as(mb.input_ids)
+        if mb.document_ids is not None:
+            kwargs["document_ids"] = mb.document_ids
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.forward(input_ids)
-        lm = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
-        aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=lm.device)
-        return lm, aux.float(), out.router_stats
+            if logits:
+                return self.forward(mb.input_ids, **kwargs)
+            return self.forward(mb.input_ids, targets=mb.targets, return_logits=False, **kwargs)
+
+    def _loss(self, mb: StepBatch) -> tuple[Tensor, Tensor, dict[str, Tensor], Any]:
+        """(main loss, aux, parts, router stats) of one micro-batch. Main loss: the LM cross-entropy over
+        the targets, or with ``distill`` alpha * CE + (1 - alpha) * T^2 * KL; aux: the model's router
+        losses plus ``domain_routing.coef`` times the mean domain-routing loss over MoE layers."""
+        distill = self.teacher is not None or self.topk is not None
+        out = self._forward(mb, logits=distill)
+        parts: dict[str, Tensor] = {}
+        if distill:
+            from .distill import distillation_loss
+            from .teacher_topk import topk_distillation_loss
+
+            spec = self.cfg.distill
+            if self.topk is not None:
+                values, indices = self.topk.batch(mb.window_ids.tolist(), check_tokens=mb.input_ids)
+                main, terms = topk_distillation_loss(out.logits, values.to(self.device), indices.to(self.device),
+                                                     mb.targets, spec.alpha, spec.temperature)
+            else:
+                main, terms = distillation_loss(out.logits, self.teacher.logits(mb.input_ids), mb.targets,
+                                                spec.alpha, spec.temperature)
+            parts.update(terms)
+        else:
+            main = out.loss.float()
+        aux = out.aux_loss.float() if out.aux_loss is not None else torch.zeros((), device=main.device)
+        if self._expert_table is not None:
+            dom = torch.stack([s.domain_loss for s in out.router_stats if s.domain_loss is not None]).mean()
+            aux = aux + self.cfg.domain_routing.coef * dom
+            parts["domain_loss"] = dom.detach()
+        return main, aux, parts, out.router_stats
+
+    def _sync(self, sync: bool) -> Any:
+        """Gradient all-reduce only on the last micro-batch (DDP ``no_sync``; FSDP's gradient-sync switch)."""
+        if self.parallel == "fsdp":
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        if self.parallel == "ddp" and not sync:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
-        batch = next(self.loader)
-        tokens = batch.tokens.to(self.device)
+        batch = self.data.next().to(self.device)
         lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, max_steps=cfg.max_steps,
                    schedule=cfg.schedule, decay_fraction=cfg.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        lm_sum = aux_sum = 0.0
+        micros = batch.split(cfg.batch_size)
+        weighted = self.data.token_weighted
+        if weighted:  # chats: every target token of the global batch weighs the same
+            counts = [mb.n_targets() for mb in micros]
+            total = max(sum_across_ranks(float(sum(counts)), self.dist, self.device), 1.0)
+        main_sum = aux_sum = 0.0
+        part_sums: dict[str, float] = {}
         loads = []
-        micros = tokens.split(cfg.batch_size)
         for i, micro in enumerate(micros):
-            # DDP: all-reduce gradients once, on the last micro-batch
-            sync = i == len(micros) - 1 or not self.dist.enabled
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                lm, aux, stats = self._loss(micro[:, :-1], micro[:, 1:])
-                ((lm + aux) / cfg.grad_accum).backward()
-            lm_sum += float(lm.detach())
-            aux_sum += float(aux.detach())
+            with self._sync(i == len(micros) - 1):
+                main, aux, parts, stats = self._loss(micro)
+                if weighted:
+                    w = counts[i] * self.dist.world_size / total
+                    (main * w + aux / cfg.grad_accum).backward()
+                else:
+                    ((main + aux) / cfg.grad_accum).backward()
+            # logged: means over the global batch (chats: per target token; windows: per micro-batch)
+            scale = counts[i] * self.dist.world_size / total if weighted else 1.0 / cfg.grad_accum
+            main_sum += float(main.detach()) * scale
+            aux_sum += float(aux.detach()) / cfg.grad_accum
+            for k, v in parts.items():
+                part_sums[k] = part_sums.get(k, 0.0) + float(v) * (scale if k != "domain_loss" else 1 / cfg.grad_accum)
             loads.append([s.tokens_per_expert.detach().float().cpu() for s in stats])
-        lm_mean, aux_mean = mean_across_ranks([lm_sum / cfg.grad_accum, aux_sum / cfg.grad_accum], self.dist,
-                                              self.device)
-        loss = lm_mean + aux_mean
+        names = list(part_sums)
+        means = mean_across_ranks([main_sum, aux_sum, *part_sums.values()], self.dist, self.device)
+        main_mean, aux_mean = means[0], means[1]
+        loss = main_mean + aux_mean
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return {"step": self.step + 1, "loss": loss, "finite": False}
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf")))
+        grad_norm = self._clip()
         if not math.isfinite(grad_norm):  # finite loss, broken gradients: same outcome, no step taken
             self.optimizer.zero_grad(set_to_none=True)
             return {"step": self.step + 1, "loss": grad_norm, "what": "gradient norm", "finite": False}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": loss, "lm_loss": lm_mean, "aux": aux_mean, "lr": lr,
-                "grad_norm": grad_norm, "finite": True, **_load_summary(loads)}
+        return {"step": self.step, "loss": loss, "lm_loss": main_mean, "aux": aux_mean, "lr": lr,
+                "grad_norm": grad_norm, "finite": True, **dict(zip(names, means[2:], strict=True)),
+                **_load_summary(loads)}
+
+    def _clip(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        if self.parallel == "fsdp":
+            from .fsdp import to_float
+
+            return to_float(norm)
+        return float(norm)
 
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean LM loss and perplexity over the first ``eval_batches`` validation batches, also per domain."""
-        if self.val_ds is None:
-            return {}
+        """Mean LM loss per target token and perplexity over the first ``eval_batches`` validation batches,
+        also per domain when the data has several (every rank evaluates the same batches)."""
         self.model.eval()
-        loader = PackedLoader(self.val_ds, self.cfg.batch_size, shuffle=False, loop=False)
+        per_domain = len(self.data.domains) > 1
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for i, batch in enumerate(loader):
-            if i >= self.cfg.eval_batches:
-                break
-            tokens = batch.tokens.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = self.forward(tokens[:, :-1]).logits
-            per_row = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
-            for row, dom in zip(per_row.tolist(), batch.domain_ids.tolist(), strict=True):
-                for key in ("all", loader.domains[dom]):
-                    sums[key] = sums.get(key, 0.0) + row
-                    counts[key] = counts.get(key, 0) + 1
+        for batch in self.data.val_batches(self.cfg.eval_batches):
+            mb = batch.to(self.device)
+            if per_domain:  # per-row losses, grouped by the row's domain
+                logits = self._forward(mb, logits=True).logits
+                tok = F.cross_entropy(logits.float().transpose(1, 2), mb.targets, reduction="none",
+                                      ignore_index=IGNORE_INDEX)
+                valid = mb.targets != IGNORE_INDEX
+                rows = zip(tok.sum(1).tolist(), valid.sum(1).tolist(), batch.domain_ids.tolist(), strict=True)
+            else:
+                n = mb.n_targets()
+                rows = [(float(self._forward(mb, logits=False).loss) * n, n, 0)]
+            for total, n, dom in rows:
+                for key in ("all", self.data.domains[dom]):
+                    sums[key] = sums.get(key, 0.0) + total
+                    counts[key] = counts.get(key, 0) + n
         self.model.train()
-        if not counts:
+        if not counts.get("all"):
             return {}
         result = {"val_loss": sums["all"] / counts["all"]}
-        result["val_ppl"] = math.exp(result["val_loss"])
-        if len(counts) > 2:  # more than one domain
-            result.update({f"val_loss/{k}": sums[k] / counts[k] for k in sums if k != "all"})
+        result["val_ppl"] = math.exp(min(result["val_loss"], 700.0))
+        if per_domain:
+            result.update({f"val_loss/{k}": sums[k] / counts[k] for k in sums if k != "all" and counts[k]})
         return result
 
     # ---- checkpoints ------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, Tensor] | None:
+        """The plain-named state dict to save when ``model.state_dict()`` is not it (FSDP: gathered to
+        rank 0, a collective; QAT: the latent float weights)."""
+        if self.parallel == "fsdp":
+            from .fsdp import full_model_state
+
+            return full_model_state(self.model)
+        if self.qat_names:
+            from .qat import plain_state_dict
+
+            return plain_state_dict(self.model)
+        return None
+
     def save(self) -> Path:
         path = self.ckpt_root / f"step-{self.step:06d}"
+        weights = self._weights()
+        if self.parallel == "fsdp":
+            from .fsdp import full_optimizer_state
+
+            optimizer = full_optimizer_state(self.model, self.optimizer)
+        else:
+            optimizer = self.optimizer.state_dict()
         if not self.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is whole
             barrier(self.dist)
             self.last_checkpoint = path
             return path
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-                 "rng": rng_state()}
+        state = {"step": self.step, "optimizer": optimizer, "loader": self.data.state_dict(), "rng": rng_state(),
+                 "parallel": self.parallel}
         path = save_checkpoint(self.ckpt_root, self.step, self.model, self.tokenizer, state,
-                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.cfg.keep_last)
+                               yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.cfg.keep_last,
+                               weights=weights)
         self.last_checkpoint = path
         barrier(self.dist)
         return path
@@ -220,23 +424,55 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
         from safetensors.torch import load_file
 
-        from ..model.lm import load_state_dict_checked
-
-        load_state_dict_checked(self.model, load_file(str(path / "model.safetensors")), str(path))
+        weights = load_file(str(path / "model.safetensors"))
         state = load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
+        saved = state.get("parallel", "none")
+        if (saved == "fsdp") != (self.parallel == "fsdp"):
+            raise ConfigError(f"--resume: {path} was written by a {saved} run; its optimizer state does not fit a "
+                              f"{self.parallel} run (keep distributed= as it was)")
+        if self.parallel == "fsdp":
+            from .fsdp import load_full_model_state, load_full_optimizer_state
+
+            load_full_model_state(self.model, weights)
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            load_plain_weights(self.model, weights, str(path))
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.data.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.last_checkpoint = path
         return path
+
+    def save_quantized(self) -> Path:
+        """QAT: ``<output>/final-quantized``, the model with the fake quantization applied for good
+        (``convert_qat``): plain weights holding the quantized values, loadable by ``from_pretrained``."""
+        from ..atomic import atomic_directory
+        from .qat import convert_qat, plain_state_dict, prepare_qat
+
+        copy = MambaMoEForCausalLM(self.model.config)
+        load_plain_weights(copy, plain_state_dict(self.model), "QAT latent weights")
+        prepare_qat(copy, bits=self.cfg.qat.bits, group_size=self.cfg.qat.group_size)
+        convert_qat(copy)
+        path = self.out / "final-quantized"
+        with atomic_directory(path) as tmp:
+            write_weights(tmp, copy.config, copy.state_dict())
+            self.tokenizer.save_pretrained(str(tmp))
+        return path
+
+    def inference_model(self, checkpoint: Path | None = None) -> MambaMoEForCausalLM:
+        """A model this process can run alone (for the sample): the live model, or with FSDP the
+        checkpoint's weights in a plain model."""
+        if self.parallel != "fsdp":
+            return self.model
+        return MambaMoEForCausalLM.from_pretrained(checkpoint or self.last_checkpoint, device=self.device)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def train(self, resume: bool = False, until: int | None = None) -> TrainResult:
         """Train to ``max_steps`` (or stop early at step ``until``, saving there). Raises
         :class:`TrainingDiverged` on a non-finite loss, after leaving the last good checkpoint in place."""
         cfg = self.cfg
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint = None
         if resume:
             self.log(f"resumed from {self.resume()} at step {self.step}")
         main = self.dist.is_main
@@ -245,9 +481,9 @@ class Trainer:
             cfg.save(self.out / "train_config.yaml")
         stop = min(cfg.max_steps, until if until is not None else cfg.max_steps)
         result = TrainResult(step=self.step, shards=self.shards)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * self.dist.world_size
         bar = _progress(cfg, self.step, stop) if main else None
-        metrics = (self.out / "metrics.jsonl").open("a") if main else open(os.devnull, "w")  # noqa: SIM115
+        metrics = MetricsWriter(self.out, main, cfg.tensorboard)
         start, start_step = time.perf_counter(), self.step
         try:
             while self.step < stop:
@@ -258,8 +494,7 @@ class Trainer:
                     msg = (f"{rec.get('what', 'loss')} is {rec['loss']} at step {rec['step']}; stopped. "
                            "Last good checkpoint: "
                            + (f"{where} (resume with --resume)" if where else "none written yet"))
-                    metrics.write(json.dumps({"step": rec["step"], "event": "diverged", "loss": str(rec["loss"])})
-                                  + "\n")
+                    metrics.write({"step": rec["step"], "event": "diverged", "loss": str(rec["loss"])})
                     raise TrainingDiverged(msg)
                 rec["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
                 del rec["finite"]
@@ -270,15 +505,18 @@ class Trainer:
                     result.val = val or result.val
                     if val and main:
                         self.log(f"step {self.step}: val loss {val['val_loss']:.4f}  ppl {val['val_ppl']:.2f}")
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                metrics.write(rec)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
-                                    tok_s=f"{rec['tokens_per_s']:.0f}")
+                    done = self.step - start_step
+                    rate = done * tokens_per_step / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rate:.0f}")
                 elif main and self.step % cfg.log_every == 0:
+                    done = self.step - start_step
+                    elapsed = time.perf_counter() - start
+                    eta = elapsed / max(done, 1) * (stop - self.step)
                     self.log(f"step {self.step}/{cfg.max_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
-                             f"{rec['tokens_per_s']:.0f} tok/s")
+                             f"{done * tokens_per_step / max(elapsed, 1e-9):.0f} tok/s  eta {eta:.0f}s")
                 if self.step % cfg.save_every == 0 or self.step == stop:
                     result.checkpoint = self.save()
         finally:
@@ -289,6 +527,8 @@ class Trainer:
         result.step = self.step
         result.checkpoint = result.checkpoint or self.last_checkpoint or latest_checkpoint(self.ckpt_root)
         result.tokens_per_s = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+        if self.qat_names and self.step == cfg.max_steps and main:
+            result.quantized = self.save_quantized()
         return result
 
 
@@ -305,6 +545,7 @@ def _load_summary(loads: list[list[torch.Tensor]]) -> dict[str, Any]:
 
 
 def _progress(cfg: TrainConfig, initial: int, total: int) -> Any:
+    """tqdm bar: steps done/total, elapsed<ETA, and loss, lr, tokens/s (mean since start) as postfix."""
     if not cfg.progress:
         return None
     from tqdm import tqdm
