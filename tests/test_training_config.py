@@ -53,3 +53,10 @@ def test_shipped_configs_load() -> None:
     assert demo.model.build().vocab_size == demo.data.vocab_size
     flagship = TrainConfig.load("configs/train/stage1_pretrain.yaml")
     assert flagship.model.build().d_model == 1024 and flagship.schedule == "wsd"
+
+
+def test_qat_group_size_and_distill_with_packing_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="qat.group_size"):
+        TrainConfig.from_dict({"qat": {"bits": 4, "group_size": 3}})
+    with pytest.raises(ConfigError, match="distill"):
+        TrainConfig.from_dict({"distill": {"teacher": "smollm2"}, "data": {"isolate_documents": True}})

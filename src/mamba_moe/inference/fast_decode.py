@@ -243,9 +243,11 @@ class FastLayer(nn.Module):
 class FastDecoder(nn.Module):
     """The decode step ``(tokens, cache) -> logits`` of ``model``, lean and optionally int8 (CPU).
 
-    It shares the model's weights (float mode) or holds int8 copies of its linear layers; the model's
-    own forward still runs prefill. Use it through ``DecodeBatch(model, decoder=FastDecoder(model))``
-    or ``Engine(..., decoder="fast" | "fast-int8")``.
+    It shares the model's non-MoE weights (float mode) or holds int8 copies of its linear layers. The
+    fused MoE matrices are a copy made once (float: the experts' size again, 151M parameters for
+    mamba-moe-300m; int8: a quarter of that), taken at construction: rebuild it after changing the
+    weights. The model's own forward still runs prefill. Use it through
+    ``DecodeBatch(model, decoder=FastDecoder(model))`` or ``Engine(..., decoder="fast" | "fast-int8")``.
     """
 
     def __init__(self, model: MambaMoEForCausalLM, int8: bool = False) -> None:

@@ -59,7 +59,7 @@ class ParsedRequest:
         reproducible choices); without a seed each choice draws its own."""
         if self.params.seed is None:
             return [self.params] * self.n
-        return [dataclasses.replace(self.params, seed=self.params.seed + i) for i in range(self.n)]
+        return [dataclasses.replace(self.params, seed=(self.params.seed + i) % 2**64) for i in range(self.n)]
 
 
 # ---- field readers -------------------------------------------------------------------------------------

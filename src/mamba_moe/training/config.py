@@ -173,11 +173,17 @@ class TrainConfig:
                 raise ConfigError(f"distill.temperature: must be > 0 (got {d.temperature!r})")
             if not isinstance(d.topk, int) or d.topk < 1:
                 raise ConfigError(f"distill.topk: must be a positive integer (got {d.topk!r})")
+        if self.distill is not None and (self.data.pack or self.data.isolate_documents):
+            # The student would see each document alone while the teacher reads the whole packed row.
+            raise ConfigError("distill: not supported with data.pack or data.isolate_documents (the teacher "
+                              "reads whole rows); use one chat per row, or plain pre-training windows")
         if self.qat is not None:
             if self.qat.bits not in (4, 8):
                 raise ConfigError(f"qat.bits: must be 4 or 8 (got {self.qat.bits!r})")
-            if not isinstance(self.qat.group_size, int) or self.qat.group_size < 1:
-                raise ConfigError(f"qat.group_size: must be a positive integer (got {self.qat.group_size!r})")
+            gs = self.qat.group_size
+            if not isinstance(gs, int) or isinstance(gs, bool) or gs < 2 or gs % 2:
+                raise ConfigError(f"qat.group_size: must be an even integer >= 2 (got {gs!r}); 32 matches "
+                                  "GGUF's Q4_0/Q8_0 blocks")
         if self.domain_routing is not None:
             r = self.domain_routing
             if not r.coef >= 0:

@@ -208,13 +208,16 @@ class Trainer:
                                   "shards), whose windows have ids; for chats, leave topk_dir unset")
             out = Path(spec.topk_dir)
             if not (out / "manifest.json").exists():
+                if self.dist.enabled:  # the other ranks would wait on rank 0's whole teacher pass and time out
+                    raise ConfigError(f"distill.topk_dir: {out} has no manifest; write it before a distributed "
+                                      "run with `mamba-moe distill topk` (or one single-process run)")
                 if self.dist.is_main:
                     teacher = load_teacher(spec.teacher, self.device, dtype)
                     self._check_vocab(check_same_vocabulary, teacher)
                     n = len(self.train_ds)
                     self.log(f"distill: precomputing the teacher's top-{spec.topk} for {n:,} windows -> {out}")
                     rows = 64  # teacher inference batch
-                    batches = (torch.stack([self._window(i) for i in range(a, min(a + rows, n))])
+                    batches = (torch.stack([self._window(i) for i in range(a, min(a + rows, n))]).to(self.device)
                                for a in range(0, n, rows))
                     precompute_teacher_topk(teacher, batches, spec.topk, out,
                                             metadata={"data": str(self.shards), "seq_len": self.cfg.seq_len})
@@ -337,6 +340,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        # lm_loss: the main loss (with distillation alpha * CE + (1 - alpha) * T^2 * KL; its CE is "ce")
         return {"step": self.step, "loss": loss, "lm_loss": main_mean, "aux": aux_mean, "lr": lr,
                 "grad_norm": grad_norm, "finite": True, **dict(zip(names, means[2:], strict=True)),
                 **_load_summary(loads)}
