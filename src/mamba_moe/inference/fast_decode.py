@@ -26,7 +26,6 @@ model's MoE layer (its capacity depends on the batch, so it cannot be fused the 
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +37,7 @@ from ..model.cache import HybridCache, KVState, MambaState
 from ..model.ffn import MoEFeedForward
 from ..model.lm import MambaMoEForCausalLM
 from ..ops.rope import rope_cos_sin
+from .quantize import dynamic_int8
 
 
 class KeyValueStore(Protocol):
@@ -55,16 +55,8 @@ def int8_linear(weight: Tensor) -> nn.Module:
 
 def int8_module(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose nn.Linear layers are int8 dynamic-quantized (the original is untouched)."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise RuntimeError("int8 decoding needs PyTorch's fbgemm quantized engine (x86 CPUs)")
-    with warnings.catch_warnings():  # torch.ao.quantization warns that it is moving to torchao
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        torch.backends.quantized.engine = "fbgemm"
-        wrapped = nn.Sequential(copy.deepcopy(module))
-        return quantize_dynamic(wrapped, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
-                                inplace=True)[0]
+    # Wrapped so a bare nn.Linear is replaced as a child of the wrapper, not in place of itself.
+    return dynamic_int8(nn.Sequential(copy.deepcopy(module)))[0]
 
 
 def _plain_linear(weight: Tensor) -> nn.Module:

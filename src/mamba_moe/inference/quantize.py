@@ -25,7 +25,7 @@ from ..model.ffn import ExpertBank
 from ..model.lm import MambaMoEForCausalLM
 
 
-def _dynamic_int8(module: nn.Module) -> nn.Module:
+def dynamic_int8(module: nn.Module) -> nn.Module:
     """``module`` with its nn.Linear layers replaced by int8 dynamic-quantized ones (per-channel weights)."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise RuntimeError("int8 decoding needs PyTorch's fbgemm quantized engine (x86 CPUs)")
@@ -63,7 +63,7 @@ class Int8ExpertBank(nn.Module):
             layers["gate_up_all"] = linear([w for e in range(self.num_experts) for w in gate_up(e)])
         else:
             layers["gate_up"] = nn.ModuleList(linear(gate_up(e)) for e in range(self.num_experts))
-        self.layers = _dynamic_int8(layers)
+        self.layers = dynamic_int8(layers)
 
     def _hidden(self, h: Tensor) -> Tensor:
         if self.activation == "swiglu":
@@ -122,5 +122,5 @@ def quantize_int8(model: MambaMoEForCausalLM) -> MambaMoEForCausalLM:
     for module in list(model.backbone.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and id(child) not in routers:
-                setattr(module, name, _dynamic_int8(nn.Sequential(child))[0])
+                setattr(module, name, dynamic_int8(nn.Sequential(child))[0])
     return model
