@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -22,3 +24,21 @@ def append_markdown(path: str | None, text: str) -> None:
     if path:
         with open(path, "a") as f:
             f.write("\n" + text)
+
+
+def cuda_time(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream (events around each call), after warm-up."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

@@ -26,7 +26,6 @@ import datetime
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 
@@ -34,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from _machine import cuda_time  # noqa: E402  (bench/_machine.py, beside this script)
 
 from mamba_moe.ops.kernels import ssd_triton as T  # noqa: E402
 from mamba_moe.ops.ssd import ssd_chunked  # noqa: E402
@@ -64,21 +65,6 @@ def make_inputs(b, l, h, p, g, n, dtype, seed=0):
     C = torch.randn(b, l, g, n, **kw).to(dtype)
     D = torch.randn(h, **kw)
     return [x, dt, A, B, C, D]
-
-
-def cuda_time(fn, warmup, repeats) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def impls(chunk, peer, compiled):

@@ -51,6 +51,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from _machine import cuda_time  # noqa: E402  (bench/_machine.py, beside this script)
+
 from mamba_moe import MambaMoEForCausalLM, get_preset  # noqa: E402
 from mamba_moe.config import MambaMoEConfig  # noqa: E402
 from mamba_moe.model import mamba2 as mamba2_module  # noqa: E402
@@ -299,21 +301,6 @@ def category(kernel: str) -> str:
     return "other ATen kernels (copies, elementwise, reductions)"
 
 
-def cuda_ms(fn, warmup=3, repeats=10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
-
-
 def peak_of(fn) -> float:
     fn()
     torch.cuda.synchronize()
@@ -356,7 +343,7 @@ def components(args) -> list[str]:
         ce_module.TRITON_ON_CUDA = fast
         fn = loss_fn(kind, chunk)
         try:
-            ms = cuda_ms(fn)
+            ms = cuda_time(fn)
             out.append(f"| LM loss + head | {n} x {config.d_model} -> {config.vocab_size} | {label} | {ms:.2f} | "
                        f"{peak_of(fn):.2f} |")
         except torch.OutOfMemoryError:
@@ -385,7 +372,7 @@ def components(args) -> list[str]:
 
     for label, f in (("reference: F.conv1d + SiLU", conv_reference),
                      ("Triton conv + SiLU", causal_conv1d_triton)):
-        ms = cuda_ms(conv_step(f))
+        ms = cuda_time(conv_step(f))
         out.append(f"| causal depthwise conv1d + SiLU, one layer | {b} x {seq} x {mixer.conv_dim} | {label} | "
                    f"{ms:.3f} | |")
 
@@ -413,7 +400,7 @@ def components(args) -> list[str]:
             return run
 
         for label, ref in ((fast, False), ("reference (einsum / loop)", True)):
-            ms = cuda_ms(run_layer(ref))
+            ms = cuda_time(run_layer(ref))
             out.append(f"| MoE FFN `{router}`, one layer | {b * seq} x {config.d_model} | {label} | {ms:.2f} | "
                        f"{peak_of(run_layer(ref)):.2f} |")
     del model

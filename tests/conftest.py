@@ -18,6 +18,22 @@ def fresh_seed(request):
     yield seed
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """Restore torch's thread count after each test: trainers set it from their config (``threads``)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(tokenizer dir, shards dir) of the tiny stdlib corpus the training tests share (built once)."""
+    from test_training_common import tiny_corpus
+
+    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module on one thread: tiny models decode faster so, and much faster on a busy 2-core machine."""

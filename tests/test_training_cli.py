@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
 import yaml
 from test_training_common import tiny_config, tiny_corpus
 
 from mamba_moe.cli import main
 from mamba_moe.model import MambaMoEForCausalLM
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_train_cli_demo_path(tmp_path, capsys) -> None:

@@ -44,13 +44,6 @@ sys.exit(main(["train", "--config", fsdp, f"output={out}/fsdp"]))  # FSDP throug
 MODEL = {"preset": "mamba-moe-tiny", "overrides": {"vocab_size": 512, "moe_aux_loss_coef": 0.0}}
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> tuple[Path, tuple[Path, Path], subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("dp")

@@ -7,16 +7,11 @@ import shutil
 
 import pytest
 import torch
-from test_training_common import tiny_config, tiny_corpus
+from test_training_common import tiny_config
 
 from mamba_moe.config import ConfigError
 from mamba_moe.data import prepare_stdlib, save_tokenizer, train_tokenizer
 from mamba_moe.training import Trainer
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +23,6 @@ def teacher(corpus, tmp_path_factory):
                                  batch_size=4),
                      log=lambda s: None).setup().train()
     return result.checkpoint
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _metrics(run) -> list[dict]:

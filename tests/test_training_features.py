@@ -7,23 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training_common import tiny_config, tiny_corpus, two_domain_corpus
+from test_training_common import tiny_config, two_domain_corpus
 
 from mamba_moe.config import ConfigError
 from mamba_moe.model.ffn import MoEFeedForward
 from mamba_moe.training import Trainer
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tensorboard_scalars_match_metrics(corpus, tmp_path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from test_training_common import tiny_config, tiny_corpus
 
@@ -10,13 +9,6 @@ from mamba_moe.model import MambaMoEForCausalLM
 from mamba_moe.ops.quant import fake_quantize
 from mamba_moe.training import Trainer
 from mamba_moe.training.qat import is_qat, qat_targets
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_qat_resume_is_exact_and_checkpoints_are_plain(tmp_path, fresh_seed) -> None:

@@ -6,23 +6,11 @@ import json
 
 import pytest
 import torch
-from test_training_common import tiny_config, tiny_corpus
+from test_training_common import tiny_config
 
 from mamba_moe.data import load_tokenizer
 from mamba_moe.model import MambaMoEForCausalLM
 from mamba_moe.training import Trainer, TrainingDiverged, list_checkpoints
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _metric_losses(run) -> list[float]:

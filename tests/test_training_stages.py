@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_common import chat_file, tiny_config, tiny_corpus
+from test_training_common import chat_file, tiny_config
 
 from mamba_moe.cli import main
 from mamba_moe.config import ConfigError
@@ -20,24 +20,12 @@ STAGES = ["stage1_pretrain", "stage2_instruction", "stage3_reasoning", "stage4_m
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
 def stage1(corpus, tmp_path_factory) -> Path:
     """A 2-step stage-1 run of the tiny model (its output folder)."""
     out = tmp_path_factory.mktemp("stage1") / "run"
     torch.set_num_threads(1)
     Trainer(tiny_config(corpus, out, max_steps=2, save_every=2, eval_every=2)).setup().train()
     return out
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_shipped_stage_configs_load() -> None:
