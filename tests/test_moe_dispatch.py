@@ -88,7 +88,13 @@ def test_sorted_dispatch_equals_loop_reference_fp64(activation, router, k):
     fast = layer.experts.mix_grouped(x, routing.weights, k, impl="loop")
     assert rel_error(fast, ref) < 1e-12
     g = torch.randn_like(ref)
-    for a, b in zip(grads(fast, params, g), grads(ref, params, g), strict=True):
+    fast_grads, ref_grads = grads(fast, params, g), grads(ref, params, g)
+    if router == "topk" and k == 1:
+        # The renormalised top-1 weight is exactly 1: the logit gradient is zero up to rounding (~1e-15),
+        # so it is checked as zero on both paths rather than relative to its own noise.
+        assert all(float(t[1].abs().max()) < 1e-12 for t in (fast_grads, ref_grads))
+        fast_grads, ref_grads = fast_grads[:1] + fast_grads[2:], ref_grads[:1] + ref_grads[2:]
+    for a, b in zip(fast_grads, ref_grads, strict=True):
         assert grad_error(a, b) < 1e-12
 
 
