@@ -165,9 +165,11 @@ def build(name: str, compile_mode: str, checkpointing: bool = False) -> MambaMoE
     torch.manual_seed(0)
     model = MambaMoEForCausalLM(model_config(name)).cuda().train()
     model.set_gradient_checkpointing(checkpointing)
-    if compile_mode == "blocks":
+    if compile_mode in ("blocks", "blocks-cg"):
+        # blocks-cg: each block's forward and backward also replayed as CUDA graphs (no launch gaps)
+        mode = "reduce-overhead" if compile_mode == "blocks-cg" else None
         for layer in model.backbone.layers:
-            layer.compile(dynamic=False)
+            layer.compile(dynamic=False, mode=mode)
     elif compile_mode == "model":
         model.compile(dynamic=False)
     return model
@@ -175,6 +177,7 @@ def build(name: str, compile_mode: str, checkpointing: bool = False) -> MambaMoE
 
 def step_fn(model, opt, ids):
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # for blocks-cg: a new iteration of the CUDA-graph trees
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(ids, targets=ids, return_logits=False)
             loss = out.loss + out.aux_loss
@@ -218,7 +221,9 @@ def run_config(name, seq, batch, args, peer, peak, checkpointing=False, compile_
             ms, warm_s, loss = time_steps(step, args.warmup if warmup is None else warmup, steps or args.steps)
             peak_gb = torch.cuda.max_memory_allocated() / 2**30
             if profile_into is not None:
-                profile_into += profile_step(step, f"{name}, {compile_mode}", seq, batch)
+                part = profile_step(step, f"{name}, {compile_mode}", seq, batch)
+                print("\n".join(part), flush=True)  # now: a later time-out must not lose it
+                profile_into += part
         flops = flops_per_token(model, seq)
         per_token = 3 * sum(flops.values())
         tok_s = batch * seq / (ms / 1000)
@@ -272,8 +277,8 @@ def profile_step(step, name, seq, batch) -> list[str]:
            f"sum {total / 1000:.1f} ms):", "", "| category | ms | share |", "| :--- | ---: | ---: |"]
     for k, v in sorted(cats.items(), key=lambda kv: -kv[1]):
         out.append(f"| {k} | {v / 1000:.2f} | {100 * v / total:.1f}% |")
-    out += ["", "| kernel (top 25) | calls/step | ms | share |", "| :--- | ---: | ---: | ---: |"]
-    for e in rows[:25]:
+    out += ["", "| kernel (top 40) | calls/step | ms | share |", "| :--- | ---: | ---: | ---: |"]
+    for e in rows[:40]:
         out.append(f"| `{e.key[:90]}` | {e.count // 2} | {e.self_device_time_total / 2000:.2f} | "
                    f"{100 * e.self_device_time_total / 2 / total:.1f}% |")
     return out
@@ -442,10 +447,10 @@ def main() -> None:
                                                     "mamba-moe-300m" + PEER_TAG])
     ap.add_argument("--seqs", nargs="+", type=int, default=[2048, 8192, 32768])
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per step; batch = max(1, tokens // seq)")
-    ap.add_argument("--compile", choices=["blocks", "model", "none"], default="blocks")
+    ap.add_argument("--compile", choices=["blocks", "blocks-cg", "model", "none"], default="blocks")
     ap.add_argument("--compiled-too", nargs="*", default=[], metavar="MODEL:SEQ",
                     help="also time these with --also-compile (e.g. when the grid runs eager)")
-    ap.add_argument("--also-compile", choices=["blocks", "model"], default="blocks")
+    ap.add_argument("--also-compile", choices=["blocks", "blocks-cg", "model"], default="blocks")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--long", nargs="*", type=int, default=[], help="batch-1 lengths with activation checkpointing "

@@ -18,7 +18,7 @@ def test_yaml_with_overrides(tmp_path) -> None:
     path = _write(tmp_path, "model:\n  preset: mamba-moe-tiny\nlr: 0.001\nmin_lr: 0.0001\n")
     cfg = TrainConfig.load(path, ["lr=2e-3", "model.overrides.d_model=96", "data.vocab_size=1024",
                                   "betas=[0.8, 0.9]", "compile=true"])
-    assert cfg.lr == 2e-3 and cfg.betas == [0.8, 0.9] and cfg.compile is True
+    assert cfg.lr == 2e-3 and cfg.betas == [0.8, 0.9] and cfg.compile == "blocks"  # true reads as blocks
     assert cfg.data.vocab_size == 1024
     assert cfg.model.build().d_model == 96
 
@@ -42,6 +42,7 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("lr: 0.001\n", ["domain_routing.coef=0.1"], "domain_routing.experts"),
     ("lr: 0.001\n", ["domain_routing.experts={code: -1}"], "domain_routing.experts.code"),
     ("lr: 0.001\n", ["activation_checkpointing=yes please"], "activation_checkpointing"),
+    ("lr: 0.001\n", ["compile=block"], "did you mean 'blocks'"),
 ])
 def test_errors_name_the_key(tmp_path, text, overrides, needle) -> None:
     with pytest.raises(ConfigError, match=needle):

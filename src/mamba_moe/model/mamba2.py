@@ -99,8 +99,8 @@ class Mamba2Mixer(nn.Module):
             y = y[:, None]
         else:
             if state is None and xbc.is_cuda and use_triton_conv(xbc, weight):
-                # Training, opt-in (MAMBA_MOE_TRITON_CONV=1): conv + SiLU in one Triton pass over in_proj's
-                # slice (no transposes, no copies).
+                # Training and stateless forwards on CUDA (MAMBA_MOE_TRITON_CONV=0 turns it off): conv + SiLU in
+                # one Triton pass over in_proj's slice (no transposes, no copies).
                 x, B, C = self._split_xbc(causal_conv1d_triton(xbc, weight, self.conv1d.bias, seq_idx))
             else:
                 conv_out, conv_final = causal_conv1d(xbc, weight, self.conv1d.bias,

@@ -158,8 +158,15 @@ class Trainer:
 
                 self.ddp = self.forward = DistributedDataParallel(
                     self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile and self.device.type == "cuda":
+        mode = "none" if self.device.type != "cuda" else ("blocks" if cfg.compile == "auto" else cfg.compile)
+        if mode in ("blocks", "blocks-cudagraphs"):
+            # Compiled in place, so DDP / FSDP wrappers and checkpoints see the same modules and names.
+            graph_mode = "reduce-overhead" if mode == "blocks-cudagraphs" else None
+            for layer in self.model.backbone.layers:
+                layer.compile(mode=graph_mode)
+        elif mode == "model":
             self.forward = torch.compile(self.forward)
+        self.compile_mode = mode
 
     def _parallel_mode(self) -> str:
         """``auto``: FSDP when one replica's weights + AdamW state (16 bytes/parameter) would take more than
@@ -308,10 +315,13 @@ class Trainer:
         if weighted:  # chats: every target token of the global batch weighs the same
             counts = [mb.n_targets() for mb in micros]
             total = max(sum_across_ranks(float(sum(counts)), self.dist, self.device), 1.0)
-        main_sum = aux_sum = 0.0
-        part_sums: dict[str, float] = {}
+        # Sums stay on the device (float64, the same arithmetic as Python floats) until every micro-batch is
+        # queued: a float() per micro-batch would make the host wait for the GPU before launching the next.
+        main_sum = aux_sum = None
+        part_sums: dict[str, Tensor] = {}
         loads = []
         for i, micro in enumerate(micros):
+            self._new_graph_step()
             with self._sync(i == len(micros) - 1):
                 main, aux, parts, stats = self._loss(micro)
                 if weighted:
@@ -321,13 +331,16 @@ class Trainer:
                     ((main + aux) / cfg.grad_accum).backward()
             # logged: means over the global batch (chats: per target token; windows: per micro-batch)
             scale = counts[i] * self.dist.world_size / total if weighted else 1.0 / cfg.grad_accum
-            main_sum += float(main.detach()) * scale
-            aux_sum += float(aux.detach()) / cfg.grad_accum
+            main_sum = _add(main_sum, main.detach().double() * scale)
+            aux_sum = _add(aux_sum, aux.detach().double() / cfg.grad_accum)
             for k, v in parts.items():
-                part_sums[k] = part_sums.get(k, 0.0) + float(v) * (scale if k != "domain_loss" else 1 / cfg.grad_accum)
-            loads.append([s.tokens_per_expert.detach().float().cpu() for s in stats])
+                part_sums[k] = _add(part_sums.get(k), v.detach().double()
+                                    * (scale if k != "domain_loss" else 1 / cfg.grad_accum))
+            loads.append([s.tokens_per_expert.detach().float() for s in stats])
         names = list(part_sums)
-        means = mean_across_ranks([main_sum, aux_sum, *part_sums.values()], self.dist, self.device)
+        loads = [[t.cpu() for t in row] for row in loads]
+        means = mean_across_ranks([float(main_sum), float(aux_sum), *(float(v) for v in part_sums.values())],
+                                  self.dist, self.device)
         main_mean, aux_mean = means[0], means[1]
         loss = main_mean + aux_mean
         if not math.isfinite(loss):
@@ -344,6 +357,11 @@ class Trainer:
         return {"step": self.step, "loss": loss, "lm_loss": main_mean, "aux": aux_mean, "lr": lr,
                 "grad_norm": grad_norm, "finite": True, **dict(zip(names, means[2:], strict=True)),
                 **_load_summary(loads)}
+
+    def _new_graph_step(self) -> None:
+        """With CUDA-graph blocks: the previous forward's outputs are consumed, so the graphs may reuse them."""
+        if self.compile_mode == "blocks-cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _clip(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
@@ -363,6 +381,7 @@ class Trainer:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for batch in self.data.val_batches(self.cfg.eval_batches):
+            self._new_graph_step()
             mb = batch.to(self.device)
             if per_domain:  # per-row losses, grouped by the row's domain
                 logits = self._forward(mb, logits=True).logits
@@ -534,6 +553,11 @@ class Trainer:
         if self.qat_names and self.step == cfg.max_steps and main:
             result.quantized = self.save_quantized()
         return result
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    """total + value, where None is an empty sum (so the first term is kept exactly: 0.0 + x == x)."""
+    return value if total is None else total + value
 
 
 def _load_summary(loads: list[list[torch.Tensor]]) -> dict[str, Any]:

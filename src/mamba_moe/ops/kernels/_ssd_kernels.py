@@ -191,7 +191,21 @@ def _state_bwd_kernel(dst_ptr, st_ptr, dfinal_ptr, s_ptr, seq_ptr, dinit_ptr, ds
 
 
 @triton.jit
-def _bmm_cb_kernel(B_ptr, C_ptr, pairs_ptr, cb_ptr, L, G, N, nchunks,
+def _causal_tile(t):
+    """The t-th (i-block, j-block) pair with j <= i, in the order (0,0), (1,0), (1,1), (2,0), ...
+
+    Computed, not read from a table: a cached device table would be a tensor allocated inside the first
+    call, which CUDA-graph capture (torch.compile's reduce-overhead mode) rejects as an untracked live
+    allocation. i = floor((sqrt(8t + 1) - 1) / 2), then corrected by one in either direction against
+    rounding of the float square root."""
+    i = ((tl.sqrt(8.0 * t.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    i = tl.where((i + 1) * (i + 2) // 2 <= t, i + 1, i)
+    i = tl.where(i * (i + 1) // 2 > t, i - 1, i)
+    return i, t - i * (i + 1) // 2
+
+
+@triton.jit
+def _bmm_cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, nchunks,
                    sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
                    Q: tl.constexpr, BLK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """CB[b, c, g, i, j] = C_i . B_j (fp32) for the causal blocks (i-block >= j-block) of each chunk.
@@ -202,8 +216,7 @@ def _bmm_cb_kernel(B_ptr, C_ptr, pairs_ptr, cb_ptr, L, G, N, nchunks,
     bg = tl.program_id(2).to(tl.int64)
     b = bg // G
     g = bg % G
-    ib = tl.load(pairs_ptr + 2 * t)
-    jb = tl.load(pairs_ptr + 2 * t + 1)
+    ib, jb = _causal_tile(t)
     offs_i = ib * BLK + tl.arange(0, BLK)
     offs_j = jb * BLK + tl.arange(0, BLK)
     offs_n = tl.arange(0, BLOCK_N)
@@ -283,7 +296,7 @@ def _chunk_scan_fwd_kernel(x_ptr, dt_ptr, s_ptr, C_ptr, cb_ptr, st_ptr, D_ptr, s
 
 
 @triton.jit
-def _bwd_dcb_kernel(x_ptr, dt_ptr, s_ptr, dy_ptr, cb_ptr, pairs_ptr, seq_ptr, dcb_ptr, dsr_ptr, dsc_ptr, dst_ptr,
+def _bwd_dcb_kernel(x_ptr, dt_ptr, s_ptr, dy_ptr, cb_ptr, seq_ptr, dcb_ptr, dsr_ptr, dsc_ptr, dst_ptr,
                     L, H, P, nchunks, heads_per_group, heads_per_split, nsplit, G,
                     sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sd_b, sd_l, sd_h, sd_p, sq_b, sq_l,
                     Q: tl.constexpr, HAS_SEQ: tl.constexpr, BLK: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -303,8 +316,7 @@ def _bwd_dcb_kernel(x_ptr, dt_ptr, s_ptr, dy_ptr, cb_ptr, pairs_ptr, seq_ptr, dc
     b = bg // G
     g = bg % G
     NB: tl.constexpr = Q // BLK
-    ib = tl.load(pairs_ptr + 2 * t)
-    jb = tl.load(pairs_ptr + 2 * t + 1)
+    ib, jb = _causal_tile(t)
     offs_i = ib * BLK + tl.arange(0, BLK)
     offs_j = jb * BLK + tl.arange(0, BLK)
     ti = (c * Q + offs_i).to(tl.int64)

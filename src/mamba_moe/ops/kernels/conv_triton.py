@@ -23,11 +23,11 @@ from torch import Tensor
 from .ssd_triton import _fix_interpreter_scalar_index, _interpreting, triton_available
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Whether Mamba2Mixer's training path uses this kernel on CUDA. Off by default: on the H100 the kernel
-# passed its fp32 test (strided input, bias + SiLU, and no bias / no SiLU), but its bf16 and packed-document
-# tests and its speed in the model are not measured yet (docs/kernels.md). MAMBA_MOE_TRITON_CONV=1 turns it on.
-USE_IN_MODEL = os.environ.get("MAMBA_MOE_TRITON_CONV", "0") == "1"
-BLOCK_L, BLOCK_C, L_ITERS = 64, 64, 4
+# Whether Mamba2Mixer's training path uses this kernel on CUDA: yes unless MAMBA_MOE_TRITON_CONV=0. GPU-tested
+# against the reference in fp32 and bf16, strided, with packed documents, compiled, and inside the mixer.
+USE_IN_MODEL = os.environ.get("MAMBA_MOE_TRITON_CONV", "1") != "0"
+BLOCK_L, BLOCK_C = 64, 64                      # forward and backward pass 1: one tile of positions x channels
+BWD_BLOCK_L, BWD_BLOCK_C, BWD_L_ITERS = 32, 32, 16  # backward pass 2: tiles per program, looped (bench --sweep)
 
 
 def conv_triton_supports(x: Tensor, weight: Tensor) -> bool:
@@ -72,19 +72,24 @@ def _bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Te
          activation: bool) -> tuple[Tensor, Tensor, Tensor]:
     b, L, C = x.shape
     K = weight.shape[1]
-    n_lprog = _grid_l(L, BLOCK_L * L_ITERS)
+    k = _kernels()
+    seq = seq_idx if seq_idx is not None else x.new_zeros(1, 1, dtype=torch.int32)
+    ssb, ssl = (seq.stride(0), seq.stride(1)) if seq_idx is not None else (0, 0)
+    dz = torch.empty(b, L, C, dtype=torch.float32, device=x.device)
+    k._conv_dz_kernel[(_grid_l(L, BLOCK_L), _grid_l(C, BLOCK_C), b)](
+        x, weight, bias if bias is not None else weight, seq, dy, dz, L, C,
+        x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2), ssb, ssl,
+        K=K, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=activation,
+        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, num_warps=4)
+    n_lprog = _grid_l(L, BWD_BLOCK_L * BWD_L_ITERS)
     dx = torch.empty(b, L, C, dtype=x.dtype, device=x.device)
     dw_part = torch.empty(b * n_lprog, C, K, dtype=torch.float32, device=x.device)
     db_part = torch.empty(b * n_lprog, C, dtype=torch.float32, device=x.device)
-    seq = seq_idx if seq_idx is not None else x.new_zeros(1, 1, dtype=torch.int32)
-    grid = (n_lprog, _grid_l(C, BLOCK_C), b)
-    _kernels()._conv_bwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, seq, dy, dx, dw_part, db_part, L, C, n_lprog,
-        x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-        dx.stride(0), dx.stride(1), dx.stride(2),
-        seq.stride(0) if seq_idx is not None else 0, seq.stride(1) if seq_idx is not None else 0,
-        K=K, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=activation,
-        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, L_ITERS=L_ITERS, num_warps=4)
+    k._conv_dx_dw_kernel[(n_lprog, _grid_l(C, BWD_BLOCK_C), b)](
+        x, weight, seq, dz, dx, dw_part, db_part, L, C, n_lprog,
+        x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1), dx.stride(2), ssb, ssl,
+        K=K, HAS_SEQ=seq_idx is not None, BLOCK_L=BWD_BLOCK_L, BLOCK_C=BWD_BLOCK_C, L_ITERS=BWD_L_ITERS,
+        num_warps=4)
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
@@ -113,7 +118,7 @@ def _conv_bwd_fake(dy, x, weight, bias, seq_idx, activation):
 
 
 class CausalConv1dTritonFn(torch.autograd.Function):
-    """Autograd of the Triton conv: both directions are single kernels (``_conv_kernels.py``)."""
+    """Autograd of the Triton conv: one forward kernel, two backward kernels (``_conv_kernels.py``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, activation):

@@ -43,7 +43,9 @@ CONFIG: dict = {
     "chunk_state": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3},
     "state_pass": {"BLOCK": 256, "num_warps": 4},
     "cb": {"num_warps": 4, "num_stages": 2},
-    "fwd": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2},
+    # MIN_BLOCK_P 64: with head_dim 32 the second product became a 64x32 wgmma that compute-sanitizer caught
+    # reading shared memory out of bounds on short bf16 calls; padded to 64 columns it ran clean (kernels.md).
+    "fwd": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2, "MIN_BLOCK_P": 64},
     "bwd_dcb": {"num_warps": 4, "num_stages": 2},
     "bwd_dc": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2},
     "bwd_db": {"BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
@@ -183,31 +185,24 @@ def _block(Q: int) -> int:
                       CONFIG["bwd_dx"]["BLOCK_K"]))
 
 
-_PAIRS: dict = {}
-
-
-def _causal_pairs(nb: int, device: torch.device) -> Tensor:
-    """int32 (i-block, j-block) for j <= i, one row per program of the CB / dCB kernels."""
-    key = (nb, str(device))
-    if key not in _PAIRS:
-        pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
-        _PAIRS[key] = torch.tensor(pairs, dtype=torch.int32, device=device).flatten()
-    return _PAIRS[key]
+def _n_causal_tiles(nb: int) -> int:
+    """How many (i-block, j-block) tiles with j <= i a chunk of nb blocks has (kernels compute which is which)."""
+    return nb * (nb + 1) // 2
 
 
 def _cb(B: Tensor, C: Tensor, Q: int, nc: int) -> tuple[Tensor, Tensor, int]:
-    """CB (b, nchunks, g, Q, Q) fp32 (causal tiles only), the pairs table and the tile size."""
+    """CB (b, nchunks, g, Q, Q) fp32 (causal tiles only), the number of causal tiles and the tile size."""
     k = _kernels()
     b, L, G, N = B.shape
     blk = _block(Q)
-    pairs = _causal_pairs(Q // blk, B.device)
+    ntiles = _n_causal_tiles(Q // blk)
     cb = _empty(b, nc, G, Q, Q, dtype=torch.float32, device=B.device)
     cfg = CONFIG["cb"]
-    k._bmm_cb_kernel[(pairs.numel() // 2, nc, b * G)](
-        B, C, pairs, cb, L, G, N, nc, *B.stride(), *C.stride(),
+    k._bmm_cb_kernel[(ntiles, nc, b * G)](
+        B, C, cb, L, G, N, nc, *B.stride(), *C.stride(),
         Q=Q, BLK=blk, BLOCK_N=_pow2(N), DOT_PREC=_dot_prec(B.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return cb, pairs, blk
+    return cb, ntiles, blk
 
 
 def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -236,7 +231,8 @@ def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
     k._chunk_scan_fwd_kernel[(H, nc * (Q // BM), b)](
         x, dt, s, C, cb, states, D if D is not None else x, seq, y,
         L, H, P, N, nc, hpg, G, *x.stride(), *dt.stride(), *C.stride(), *y.stride(), sq_b, sq_l,
-        Q=Q, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, BLOCK_M=BM, BLOCK_P=_pow2(P), BLOCK_N=_pow2(N),
+        Q=Q, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, BLOCK_M=BM, BLOCK_P=max(_pow2(P), cfg["MIN_BLOCK_P"]),
+        BLOCK_N=_pow2(N),
         DOT_PREC=_dot_prec(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y, final, s
 
@@ -292,9 +288,8 @@ def _backward(dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tenso
     prec = _dot_prec(x.dtype)
 
     # 3. dCB (summed over the heads of a group) and the quadratic form's part of ds, per causal tile.
-    cb, pairs, blk = _cb(B, C, Q, nc)
+    cb, ntiles, blk = _cb(B, C, Q, nc)
     NB = Q // blk
-    ntiles = pairs.numel() // 2
     cfg = CONFIG["bwd_dcb"]
     nsplit_cb = _pick_nsplit(hpg, ntiles * nc * b * G, dev)
     dcb = _empty(b, nc, nsplit_cb, G, Q, Q, dtype=torch.float32, device=dev)
@@ -302,7 +297,7 @@ def _backward(dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tenso
     ds_col = _empty(b, H, nc, NB, Q, dtype=torch.float32, device=dev)
     ds_tot = _empty(b, H, nc, NB, NB, dtype=torch.float32, device=dev)
     k._bwd_dcb_kernel[(ntiles, nc, b * G * nsplit_cb)](
-        x, dt, s, dy, cb, pairs, seq, dcb, ds_row, ds_col, ds_tot,
+        x, dt, s, dy, cb, seq, dcb, ds_row, ds_col, ds_tot,
         L, H, P, nc, hpg, hpg // nsplit_cb, nsplit_cb, G,
         *x.stride(), *dt.stride(), *dy.stride(), sq_b, sq_l,
         Q=Q, HAS_SEQ=HAS_SEQ, BLK=blk, BLOCK_P=BP, DOT_PREC=prec,
