@@ -36,7 +36,9 @@ from mamba_moe.ops.kernels.conv_triton import causal_conv1d_triton  # noqa: E402
 
 
 def linear_weights(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    """Weights a token multiplies in matrix products: every matrix parameter (linear layers, the expert
+    bank's stacked matrices) except the depthwise conv's taps."""
+    return sum(p.numel() for name, p in module.named_parameters() if p.dim() >= 2 and "conv1d" not in name)
 
 
 def matmul_peak(n: int = 8192) -> float:

@@ -19,7 +19,8 @@ Models (``--models``):
 
 One training step = forward and backward of ``loss + aux_loss`` (chunked LM loss, no full logits) under
 bf16 autocast with fp32 weights, then a fused AdamW step. Batch = max(1, --tokens // seq). Each block is
-torch.compile'd (``--compile blocks``; ``model`` compiles the whole model, ``none`` runs eager). After
+torch.compile'd (``--compile blocks``; ``blocks-cg`` also replays each block's forward and backward as CUDA
+graphs, torch.compile's reduce-overhead mode; ``model`` compiles the whole model, ``none`` runs eager). After
 --warmup steps (compilation included) --steps steps are timed one by one with CUDA events; tokens/s is
 from the median step.
 
@@ -286,7 +287,7 @@ def profile_step(step, name, seq, batch) -> list[str]:
 
 def category(kernel: str) -> str:
     k = kernel.lower()
-    if k.startswith(("_conv_fwd_kernel", "_conv_bwd_kernel")):
+    if k.startswith("_conv_"):  # _conv_fwd_kernel, _conv_dz_kernel, _conv_dx_dw_kernel
         return "conv1d + SiLU (Triton)"
     if k.startswith(("_ce_fwd_kernel", "_ce_bwd_kernel")):
         return "LM loss (Triton CE)"

@@ -45,6 +45,17 @@ def test_interpreted_cross_entropy_matches_reference(n, v):
 
 
 @needs_interpreter
+def test_interpreted_out_of_range_target_is_an_error():
+    from mamba_moe.ops.kernels.ce_triton import cross_entropy_sum_triton
+
+    logits = torch.randn(4, 16)
+    for bad in (16, -2):
+        with pytest.raises(RuntimeError, match="targets"):
+            cross_entropy_sum_triton(logits, torch.tensor([0, 3, bad, -100]))
+    assert torch.isfinite(cross_entropy_sum_triton(logits, torch.tensor([0, 3, 15, -100])))
+
+
+@needs_interpreter
 def test_interpreted_chunked_lm_loss_uses_triton_and_matches_reference(monkeypatch):
     from mamba_moe.ops import cross_entropy as ce
 

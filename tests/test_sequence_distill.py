@@ -39,7 +39,7 @@ def _read_as_sft(path: Path, tokenizer) -> SFTDataset:
 def test_tiny_teacher_writes_a_chat_dataset(tmp_path, teacher_dir, tokenizer) -> None:
     teacher = load_teacher(teacher_dir)
     out = generate_chat_dataset(teacher, PROMPTS + [[{"role": "user", "content": "def f(x):"}]], tmp_path / "d.jsonl",
-                                max_new_tokens=6, temperature=0.8, seed=5, system="Be brief.")
+                                max_new_tokens=6, temperature=0.8, seed=5, system="Be brief.", keep_truncated=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3
     for record, prompt in zip(records, PROMPTS, strict=False):
@@ -48,11 +48,35 @@ def test_tiny_teacher_writes_a_chat_dataset(tmp_path, teacher_dir, tokenizer) ->
         assert record["messages"][0]["content"] == "Be brief." and record["messages"][1]["content"] == prompt
     # seeded sampling: the same call writes the same file
     again = generate_chat_dataset(teacher, PROMPTS + [[{"role": "user", "content": "def f(x):"}]],
-                                  tmp_path / "e.jsonl", max_new_tokens=6, temperature=0.8, seed=5, system="Be brief.")
+                                  tmp_path / "e.jsonl", max_new_tokens=6, temperature=0.8, seed=5, system="Be brief.",
+                                  keep_truncated=True)
     assert again.read_text() == out.read_text()
     assert {p.name for p in tmp_path.iterdir()} == {"d.jsonl", "e.jsonl"}  # no temporary file left
     with pytest.raises(DistillationError, match=r"prompts\[0\]"):
         generate_chat_dataset(teacher, [[{"role": "assistant", "content": "hi"}]], tmp_path / "x.jsonl")
+
+
+def test_truncated_answers_are_dropped_or_marked(tmp_path, teacher_dir) -> None:
+    """An answer cut off at max_new_tokens is not stored as a complete turn unless asked for, and then marked."""
+    teacher = load_teacher(teacher_dir)
+    prompts = [f"prompt number {i}" for i in range(6)]
+    kept = generate_chat_dataset(teacher, prompts, tmp_path / "kept.jsonl", max_new_tokens=2, temperature=1.0,
+                                 seed=3, keep_truncated=True)
+    records = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert len(records) == len(prompts)
+    cut = sum(r.get("truncated", False) for r in records)
+    assert cut >= 1  # two tokens rarely reach the random teacher's end token
+    if cut == len(prompts):
+        with pytest.raises(DistillationError, match="max_new_tokens=2"):
+            generate_chat_dataset(teacher, prompts, tmp_path / "dropped.jsonl", max_new_tokens=2, temperature=1.0,
+                                  seed=3)
+        assert not (tmp_path / "dropped.jsonl").exists()
+    else:
+        with pytest.warns(UserWarning, match=f"{cut} of {len(prompts)}"):
+            dropped = generate_chat_dataset(teacher, prompts, tmp_path / "dropped.jsonl", max_new_tokens=2,
+                                            temperature=1.0, seed=3)
+        rows = [json.loads(line) for line in dropped.read_text().splitlines()]
+        assert rows == [{"messages": r["messages"]} for r in records if not r.get("truncated")]
 
 
 def test_smollm2_answers_read_by_the_student_sft_loader(tmp_path, tokenizer) -> None:
@@ -61,7 +85,7 @@ def test_smollm2_answers_read_by_the_student_sft_loader(tmp_path, tokenizer) -> 
     except DistillationError as err:
         pytest.skip(f"SmolLM2 teacher unavailable: {err}")
     teacher = load_teacher("smollm2")
-    out = generate_chat_dataset(teacher, PROMPTS, tmp_path / "smol.jsonl", max_new_tokens=12)
+    out = generate_chat_dataset(teacher, PROMPTS, tmp_path / "smol.jsonl", max_new_tokens=12, keep_truncated=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     print(records)
     assert len(records) == 2 and all(r["messages"][-1]["role"] == "assistant" for r in records)
@@ -95,7 +119,7 @@ def test_cli_distill_generate(tmp_path, teacher_dir, tokenizer, capsys) -> None:
     out = tmp_path / "out" / "chats.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mamba_moe", "distill", "generate", "--teacher", str(teacher_dir),
-           "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "5"]
+           "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "5", "--keep-truncated"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and "2 chats" in done.stdout

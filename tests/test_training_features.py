@@ -116,6 +116,21 @@ def test_isolated_documents_in_pretraining_windows(corpus, tmp_path) -> None:
     no_target = (step.targets == -100).nonzero().tolist()
     assert no_target == [[0, 4], [0, 18]]
     assert bool((step.targets[step.targets != -100] == tokens[:, 1:][step.targets != -100]).all())
+    # A document starting exactly at the window's last target token: the loader flags it, the target goes.
+    flagged = _packed(Batch(tokens, positions, torch.zeros(2, dtype=torch.long), torch.arange(2),
+                            last_target_opens=torch.tensor([False, True])), torch.zeros(1, dtype=torch.long),
+                      isolate=True)
+    assert (flagged.targets == -100).nonzero().tolist() == [[0, 4], [0, 18], [1, L - 1]]
+    # ... and the loader sets the flag exactly where the token before the window's last one is a document's
+    # closing EOS (every prepared document ends with one), over every window of a short-window view.
+    from mamba_moe.data.loader import PackedDataset, PackedLoader
+
+    ds = PackedDataset(corpus[1], 8, "train")
+    eos = ds.eos_id
+    batch = PackedLoader(ds, batch_size=len(ds), shuffle=False, loop=False)._collate(
+        [(0, k) for k in range(ds.streams[0].n_windows)])
+    expected = batch.tokens[:, -2] == eos
+    assert int(expected.sum()) > 0 and torch.equal(batch.last_target_opens, expected)
     model = trainer.model.eval()
     with torch.no_grad():
         packed = model(step.input_ids[:1], document_ids=step.document_ids[:1]).logits[0]

@@ -206,12 +206,15 @@ def positions_from_starts(length: int, starts: np.ndarray) -> np.ndarray:
 class Batch:
     """One rank's batch. ``tokens`` is ``(B, seq_len + 1)``; the model reads ``input_ids`` and is scored on
     ``targets`` (the next token at every position). ``position_ids`` restart at each document start, for
-    position resets or variable-length attention; ``domain_ids`` index ``loader.domains``."""
+    position resets or variable-length attention; ``domain_ids`` index ``loader.domains``.
+    ``last_target_opens`` (B,) bool: the window's last target token is the first token of a document
+    (position_ids, which cover the inputs only, cannot say so)."""
 
     tokens: Tensor
     position_ids: Tensor
     domain_ids: Tensor
     window_ids: Tensor
+    last_target_opens: Tensor | None = None
 
     @property
     def input_ids(self) -> Tensor:
@@ -306,13 +309,16 @@ class PackedLoader:
         length = ds.seq_len + 1
         tokens = np.empty((len(picks), length), dtype=np.int64)
         positions = np.empty((len(picks), ds.seq_len), dtype=np.int64)
+        last_opens = np.zeros(len(picks), dtype=bool)
         for row, (stream, k) in enumerate(picks):
             tokens[row], starts = ds.window(stream, k)
             positions[row] = positions_from_starts(ds.seq_len, starts)
+            last_opens[row] = bool(starts[-1] == ds.seq_len)  # starts are sorted and lie in [0, seq_len]
         window_ids = [int(ds.window_base[s]) + k for s, k in picks]
         return Batch(tokens=torch.from_numpy(tokens), position_ids=torch.from_numpy(positions),
                      domain_ids=torch.tensor([self._domain_of[s] for s, _ in picks], dtype=torch.long),
-                     window_ids=torch.tensor(window_ids, dtype=torch.long))
+                     window_ids=torch.tensor(window_ids, dtype=torch.long),
+                     last_target_opens=torch.from_numpy(last_opens))
 
     # ---- resume -----------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:

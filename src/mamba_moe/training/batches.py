@@ -74,10 +74,12 @@ def _packed(batch: Any, domain_map: Tensor, isolate: bool = False) -> StepBatch:
     if isolate:
         starts = batch.position_ids == 0                                     # (B, L): input positions
         docs = torch.cumsum(starts.long(), dim=1) - 1
-        # Position t's target opens a new document when t + 1 starts one. (At the window's last position
-        # the loader does not say; a boundary there keeps its target: at most one token per window.)
+        # Position t's target opens a new document when t + 1 starts one; for the last position the loader
+        # says so separately (position_ids cover the inputs only).
         opens = torch.zeros_like(starts)
         opens[:, :-1] = starts[:, 1:]
+        if batch.last_target_opens is not None:
+            opens[:, -1] = batch.last_target_opens
         targets = targets.masked_fill(opens, IGNORE_INDEX)
     return StepBatch(batch.tokens[:, :-1], targets, None, domain_map[batch.domain_ids], batch.window_ids, docs)
 

@@ -31,6 +31,8 @@ def register(subparsers: Any) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--system", default=None, help="system message to put before each prompt")
+    gen.add_argument("--keep-truncated", action="store_true",
+                     help="keep answers cut off at --max-new-tokens (marked \"truncated\": true); default: drop them")
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=cmd_generate)
 
@@ -58,8 +60,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - start:.1f}s", flush=True)
     start = time.perf_counter()
     path = generate_chat_dataset(teacher, prompts, args.out, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, seed=args.seed, system=args.system)
-    print(f"wrote {path}: {len(prompts)} chats in {time.perf_counter() - start:.1f}s "
+                                 temperature=args.temperature, seed=args.seed, system=args.system,
+                                 keep_truncated=args.keep_truncated)
+    written = len(path.read_text(encoding="utf-8").splitlines())
+    dropped = f", {len(prompts) - written} cut off at --max-new-tokens dropped" if written < len(prompts) else ""
+    print(f"wrote {path}: {written} chats{dropped} in {time.perf_counter() - start:.1f}s "
           "(train on it as a jsonl source with messages_field: messages)")
     return 0
 

@@ -7,12 +7,18 @@ JSONL records ``{"messages": [{"role": ..., "content": ...}, ...]}`` -- the chat
 so the SFT stages re-tokenize it with the student's tokenizer and train on the assistant turns. A
 template's built-in default system prompt (SmolLM2 adds one) is not copied into the records; pass
 ``system`` to state one explicitly.
+
+An answer that reaches ``max_new_tokens`` before the teacher's end token is cut off mid-thought. Stored as
+a complete turn it would teach the student to end its answers there (the chat template closes every
+assistant turn), so such answers are dropped by default, with a warning that counts them;
+``keep_truncated=True`` keeps them, marked ``"truncated": true`` on the record.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,8 +74,9 @@ def _stepper(teacher: Teacher) -> Callable[[Tensor], Tensor]:
 
 @torch.no_grad()
 def generate_response(teacher: Teacher, messages: list[dict[str, str]], max_new_tokens: int, temperature: float,
-                      generator: torch.Generator) -> str:
-    """The teacher's answer to ``messages`` (greedy at temperature 0, else sampled), special tokens removed."""
+                      generator: torch.Generator) -> tuple[str, bool]:
+    """The teacher's answer to ``messages`` (greedy at temperature 0, else sampled), special tokens removed,
+    and whether it ended with a stop token (False: cut off at ``max_new_tokens``)."""
     tok = teacher.tokenizer
     if not getattr(tok, "chat_template", None):
         raise DistillationError(f"teacher {teacher.source}: its tokenizer has no chat template; sequence-level "
@@ -87,10 +94,10 @@ def generate_response(teacher: Teacher, messages: list[dict[str, str]], max_new_
         else:
             token = int(logits.argmax(-1))
         if token in stop:
-            break
+            return tok.decode(new, skip_special_tokens=True).strip(), True
         new.append(token)
         logits = step(torch.tensor([[token]], device=teacher.device))
-    return tok.decode(new, skip_special_tokens=True).strip()
+    return tok.decode(new, skip_special_tokens=True).strip(), False
 
 
 def write_jsonl_atomic(records: Sequence[dict[str, Any]], out_path: str | os.PathLike) -> Path:
@@ -112,11 +119,13 @@ def write_jsonl_atomic(records: Sequence[dict[str, Any]], out_path: str | os.Pat
 
 def generate_chat_dataset(teacher: Teacher, prompts: Sequence[Prompt], out_path: str | os.PathLike,
                           max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
-                          system: str | None = None) -> Path:
+                          system: str | None = None, keep_truncated: bool = False) -> Path:
     """Teacher answers to ``prompts`` written to ``out_path`` as JSONL chats (``{"messages": [...]}``).
 
     A prompt is a user message (str) or a chat (list of role/content dicts) ending before the answer.
-    Sampling (``temperature > 0``) is seeded by ``seed``, so the same call writes the same file.
+    Sampling (``temperature > 0``) is seeded by ``seed``, so the same call writes the same file. Answers cut
+    off at ``max_new_tokens`` are dropped (a warning counts them) unless ``keep_truncated``, which keeps
+    them marked ``"truncated": true``.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise DistillationError(f"max_new_tokens: must be a positive integer (got {max_new_tokens!r})")
@@ -126,11 +135,23 @@ def generate_chat_dataset(teacher: Teacher, prompts: Sequence[Prompt], out_path:
         raise DistillationError("prompts: expected a non-empty list of prompts")
     teacher.model.eval()
     generator = torch.Generator().manual_seed(seed)
-    records = []
+    records, cut = [], 0
     for i, prompt in enumerate(prompts):
         messages = _messages(prompt, system, f"prompts[{i}]")
-        answer = generate_response(teacher, messages, max_new_tokens, temperature, generator)
-        records.append({"messages": [*messages, {"role": "assistant", "content": answer}]})
+        answer, finished = generate_response(teacher, messages, max_new_tokens, temperature, generator)
+        record: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": answer}]}
+        if not finished:
+            cut += 1
+            if not keep_truncated:
+                continue
+            record["truncated"] = True
+        records.append(record)
+    if cut and not keep_truncated:
+        if not records:
+            raise DistillationError(f"every one of the {cut} answers reached max_new_tokens={max_new_tokens} before "
+                                    "the teacher's end token; raise max_new_tokens (or keep_truncated=True)")
+        warnings.warn(f"{cut} of {len(prompts)} teacher answers reached max_new_tokens={max_new_tokens} and were "
+                      "dropped (keep_truncated=True keeps them, marked)", stacklevel=2)
     return write_jsonl_atomic(records, out_path)
 
 

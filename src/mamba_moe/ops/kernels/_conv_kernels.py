@@ -18,6 +18,29 @@ import triton.language as tl
 
 
 @triton.jit
+def _preactivation(xb, W, BIAS, seq_row, ssl, offs_l, lmask, offs_c, cmask, sxl, sxc,
+                   K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """z (BLOCK_L, BLOCK_C) fp32 at positions offs_l: bias + sum_k w_k x_{t-K+1+k}, taps outside [0, L) or in
+    another document being 0. The forward and the backward's first pass share it."""
+    if HAS_SEQ:
+        seq_t = tl.load(seq_row + offs_l * ssl, mask=lmask, other=-1)
+    z = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(K):
+        src = offs_l - (K - 1) + k
+        ok = lmask & (src >= 0)
+        if HAS_SEQ:
+            seq_s = tl.load(seq_row + src * ssl, mask=ok, other=-2)
+            ok = ok & (seq_s == seq_t)
+        xv = tl.load(xb + src[:, None] * sxl + offs_c[None, :] * sxc, mask=ok[:, None] & cmask[None, :], other=0.0)
+        wv = tl.load(W + offs_c * K + k, mask=cmask, other=0.0)
+        z += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        z += tl.load(BIAS + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit
 def _conv_fwd_kernel(X, W, BIAS, SEQ, Y, L, C,
                      sxb, sxl, sxc, syb, syl, syc, ssb, ssl,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
@@ -29,21 +52,8 @@ def _conv_fwd_kernel(X, W, BIAS, SEQ, Y, L, C,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     lmask = offs_l < L
     cmask = offs_c < C
-    xb = X + pid_b * sxb
-    if HAS_SEQ:
-        seq_t = tl.load(SEQ + pid_b * ssb + offs_l * ssl, mask=lmask, other=-1)
-    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(K):
-        src = offs_l - (K - 1) + k
-        ok = lmask & (src >= 0)
-        if HAS_SEQ:
-            seq_s = tl.load(SEQ + pid_b * ssb + src * ssl, mask=ok, other=-2)
-            ok = ok & (seq_s == seq_t)
-        xv = tl.load(xb + src[:, None] * sxl + offs_c[None, :] * sxc, mask=ok[:, None] & cmask[None, :], other=0.0)
-        wv = tl.load(W + offs_c * K + k, mask=cmask, other=0.0)
-        acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    acc = _preactivation(X + pid_b * sxb, W, BIAS, SEQ + pid_b * ssb, ssl, offs_l, lmask, offs_c, cmask, sxl, sxc,
+                         K, HAS_BIAS, HAS_SEQ, BLOCK_L, BLOCK_C)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(Y + pid_b * syb + offs_l[:, None] * syl + offs_c[None, :] * syc, acc.to(Y.dtype.element_ty),
@@ -67,22 +77,8 @@ def _conv_dz_kernel(X, W, BIAS, SEQ, DY, DZ, L, C,
     dz = tl.load(DY + pid_b * sdyb + offs_l[:, None] * sdyl + offs_c[None, :] * sdyc, mask=io_mask,
                  other=0.0).to(tl.float32)
     if SILU:
-        xb = X + pid_b * sxb
-        if HAS_SEQ:
-            seq_t = tl.load(SEQ + pid_b * ssb + offs_l * ssl, mask=lmask, other=-1)
-        z = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-        for k in tl.static_range(K):
-            src = offs_l - (K - 1) + k
-            ok = lmask & (src >= 0)
-            if HAS_SEQ:
-                seq_s = tl.load(SEQ + pid_b * ssb + src * ssl, mask=ok, other=-2)
-                ok = ok & (seq_s == seq_t)
-            xv = tl.load(xb + src[:, None] * sxl + offs_c[None, :] * sxc, mask=ok[:, None] & cmask[None, :],
-                         other=0.0)
-            wv = tl.load(W + offs_c * K + k, mask=cmask, other=0.0)
-            z += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        if HAS_BIAS:
-            z += tl.load(BIAS + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        z = _preactivation(X + pid_b * sxb, W, BIAS, SEQ + pid_b * ssb, ssl, offs_l, lmask, offs_c, cmask, sxl, sxc,
+                           K, HAS_BIAS, HAS_SEQ, BLOCK_L, BLOCK_C)
         sig = tl.sigmoid(z)
         dz = dz * sig * (1.0 + z * (1.0 - sig))
     tl.store(DZ + pid_b * L * C + offs_l[:, None] * C + offs_c[None, :], dz, mask=io_mask)

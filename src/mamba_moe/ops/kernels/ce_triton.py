@@ -67,4 +67,9 @@ def cross_entropy_sum_triton(logits: Tensor, targets: Tensor, ignore_index: int 
                          f"on {logits.device} (needs Triton on CUDA, 2-D, unit stride over the vocabulary)")
     if targets.shape != logits.shape[:1]:
         raise ValueError(f"targets: expected ({logits.shape[0]},), got {tuple(targets.shape)}")
+    # The kernels would read out of range (the first version clamped silently). Checked on the device, without
+    # a host sync: on CUDA a bad target is a device-side assert, as in F.cross_entropy; on the CPU it raises.
+    V = logits.shape[1]
+    valid = (targets == ignore_index) | ((targets >= 0) & (targets < V))
+    torch._assert_async(valid.all(), f"targets: every value must be in [0, {V}) or ignore_index ({ignore_index})")
     return CrossEntropySumTritonFn.apply(logits, targets.contiguous(), int(ignore_index))
