@@ -43,6 +43,7 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("lr: 0.001\n", ["domain_routing.experts={code: -1}"], "domain_routing.experts.code"),
     ("lr: 0.001\n", ["activation_checkpointing=yes please"], "activation_checkpointing"),
     ("lr: 0.001\n", ["compile=block"], "did you mean 'blocks'"),
+    ("grad_accum: 2\n", ["compile=blocks-cudagraphs"], "blocks-cudagraphs needs grad_accum: 1"),
 ])
 def test_errors_name_the_key(tmp_path, text, overrides, needle) -> None:
     with pytest.raises(ConfigError, match=needle):

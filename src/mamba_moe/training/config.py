@@ -167,6 +167,12 @@ class TrainConfig:
         if isinstance(self.compile, bool):
             self.compile = "blocks" if self.compile else "none"
         _choice("compile", self.compile, COMPILE)
+        if self.compile == "blocks-cudagraphs" and self.grad_accum > 1:
+            # An H100 run with two micro-batches failed inside the backward ("accessing tensor output of
+            # CUDAGraphs that has been overwritten"): most likely the first micro-batch's parameter
+            # gradients, left in graph memory as .grad, are overwritten by the next replay.
+            raise ConfigError(f"compile: blocks-cudagraphs needs grad_accum: 1 (got {self.grad_accum}); raise "
+                              "batch_size instead, or use compile: blocks")
         if self.data.source in ("shards", "chat") and not self.data.path:
             raise ConfigError(f"data.path: required when data.source is {self.data.source!r}")
         for name in ("activation_checkpointing", "tensorboard", "progress"):

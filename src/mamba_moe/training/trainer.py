@@ -336,7 +336,9 @@ class Trainer:
             for k, v in parts.items():
                 part_sums[k] = _add(part_sums.get(k), v.detach().double()
                                     * (scale if k != "domain_loss" else 1 / cfg.grad_accum))
-            loads.append([s.tokens_per_expert.detach().float() for s in stats])
+            # Copied: with CUDA-graph blocks a block's outputs live in graph memory that the next
+            # micro-batch's replay overwrites (.float() alone returns the same tensor when it is fp32).
+            loads.append([s.tokens_per_expert.detach().float().clone() for s in stats])
         names = list(part_sums)
         loads = [[t.cpu() for t in row] for row in loads]
         means = mean_across_ranks([float(main_sum), float(aux_sum), *(float(v) for v in part_sums.values())],
