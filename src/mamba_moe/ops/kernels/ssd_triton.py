@@ -190,8 +190,8 @@ def _n_causal_tiles(nb: int) -> int:
     return nb * (nb + 1) // 2
 
 
-def _cb(B: Tensor, C: Tensor, Q: int, nc: int) -> tuple[Tensor, Tensor, int]:
-    """CB (b, nchunks, g, Q, Q) fp32 (causal tiles only), the number of causal tiles and the tile size."""
+def _cb(B: Tensor, C: Tensor, Q: int, nc: int) -> Tensor:
+    """CB (b, nchunks, g, Q, Q) fp32, computed for the causal tiles only (the others are never read)."""
     k = _kernels()
     b, L, G, N = B.shape
     blk = _block(Q)
@@ -202,7 +202,7 @@ def _cb(B: Tensor, C: Tensor, Q: int, nc: int) -> tuple[Tensor, Tensor, int]:
         B, C, cb, L, G, N, nc, *B.stride(), *C.stride(),
         Q=Q, BLK=blk, BLOCK_N=_pow2(N), DOT_PREC=_dot_prec(B.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return cb, ntiles, blk
+    return cb
 
 
 def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -220,7 +220,7 @@ def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
     k._dA_cumsum_kernel[(nc, triton_cdiv(H, BH), b)](
         dt, A, s, L, H, nc, *dt.stride(), Q=Q, BLOCK_Q=_pow2(Q), BLOCK_H=BH, num_warps=4)
 
-    cb, _, _ = _cb(B, C, Q, nc)
+    cb = _cb(B, C, Q, nc)
     states = _chunk_states(x, B, dt, s, seq_idx, 0, Q, hpg)
     final = _empty(b, H, P, N, dtype=torch.float32, device=dev)
     _state_pass_fwd(states, s, initial_state, final, seq_idx, L, Q)
