@@ -39,8 +39,8 @@ from _machine import append_markdown, cpu_name
 
 from mamba_moe.config import get_preset
 from mamba_moe.inference import Engine, SamplingParams
-from mamba_moe.inference.quantize import quantize_int8
-from mamba_moe.inference.request import Request
+from mamba_moe.inference.core.request import Request
+from mamba_moe.inference.decoders.quantize import quantize_int8
 from mamba_moe.model.lm import MambaMoEForCausalLM
 
 DEFAULT_PRESETS = ["mamba-moe-tiny", "mamba-moe-small", "mamba-moe-300m"]
@@ -128,7 +128,7 @@ def profile(result: dict, steps: int, top: int, device: str) -> str:
     from torch.profiler import profile as torch_profile
 
     engine: Engine = result["engine"]
-    from mamba_moe.inference.batch import DecodeBatch
+    from mamba_moe.inference.core.batch import DecodeBatch
 
     batch = DecodeBatch(engine.model, engine.prefill_chunk, engine.decoder)
     request = Request(result["prompts"][0], SamplingParams(max_tokens=steps + 10, temperature=0),

@@ -29,7 +29,7 @@ def keep_threads():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """(tokenizer dir, shards dir) of the tiny stdlib corpus the training tests share (built once)."""
-    from test_training_common import tiny_corpus
+    from helpers.training import tiny_corpus
 
     return tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
@@ -41,14 +41,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|; NaN anywhere counts as infinitely wrong."""
-    if torch.isnan(actual).any() or torch.isnan(expected).any():
-        return float("inf")
-    scale = expected.detach().abs().max().clamp(min=1e-30)
-    return float((actual - expected).detach().abs().max() / scale)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,13 +7,27 @@ a YAML file is found in seconds rather than after a training run.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .atomic import atomic_write
+from .user_text import InvalidTextError, decode_text
+from .validation import (  # noqa: F401  (ConfigError is re-exported: mamba_moe.config.ConfigError)
+    ConfigError,
+    build_dataclass,
+    check_bool,
+    check_choice,
+    check_int,
+    check_keys,
+    check_mapping,
+    check_number,
+    coerce_float,
+    suggestion,
+)
 
 MIXERS = ("mamba", "attention")
 FFNS = ("none", "dense", "moe")
@@ -26,8 +40,8 @@ ACTIVATIONS = ("swiglu", "gelu")
 _META_KEYS = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or inconsistent; the message names the field."""
+_ROPE_SCALING_KEYS = ("type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                      "attention_factor")
 
 
 @dataclass
@@ -94,13 +108,17 @@ class MambaMoEConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.layer_mixers:
-            self.layer_mixers = ["mamba"] * self.n_layers
-        if not self.layer_ffns:
-            self.layer_ffns = ["moe"] * self.n_layers
-        self.layer_mixers = list(self.layer_mixers)
-        self.layer_ffns = list(self.layer_ffns)
-        if self.rope_scaling is not None:
+        # Defaults and copies only for values of the right shape; anything else is left for validate() to
+        # name (``list(5)`` here would surface as a bare TypeError).
+        if isinstance(self.n_layers, int) and not isinstance(self.n_layers, bool):
+            if not self.layer_mixers:
+                self.layer_mixers = ["mamba"] * self.n_layers
+            if not self.layer_ffns:
+                self.layer_ffns = ["moe"] * self.n_layers
+        for name in ("layer_mixers", "layer_ffns"):
+            if isinstance(getattr(self, name), list | tuple):
+                setattr(self, name, list(getattr(self, name)))
+        if isinstance(self.rope_scaling, dict):
             self.rope_scaling = dict(self.rope_scaling)
         self.validate()
 
@@ -135,43 +153,44 @@ class MambaMoEConfig:
         def fail(name: str, msg: str) -> None:
             raise ConfigError(f"{name}: {msg} (got {getattr(self, name)!r})")
 
-        def choice(name: str, allowed: tuple[str, ...], value: str | None = None) -> None:
-            value = getattr(self, name) if value is None else value
-            if value not in allowed:
-                hint = difflib.get_close_matches(str(value), allowed, n=1)
-                extra = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}{extra}")
-
+        # Types and ranges first, so the consistency checks below compare numbers.
         for name in ("vocab_size", "d_model", "n_layers", "ssm_state_size", "ssm_expand", "ssm_head_dim",
                      "ssm_ngroups", "ssm_conv_kernel", "ssm_chunk_size", "attn_num_heads",
                      "attn_num_kv_heads", "ffn_hidden_size", "moe_num_experts", "moe_expert_hidden_size",
                      "moe_top_k", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, "must be a positive integer")
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("embedding_rank", "moe_shared_expert_hidden_size", "moe_min_capacity"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                fail(name, "must be a non-negative integer")
-        for name in ("rms_norm_eps", "moe_capacity_factor", "rope_theta", "initializer_range"):
-            if not float(getattr(self, name)) > 0:
-                fail(name, "must be > 0")
+            check_int(name, getattr(self, name), minimum=0)
+        check_int("attn_head_dim", self.attn_head_dim, minimum=1, optional=True)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            check_int(name, getattr(self, name), minimum=0, optional=True)
+        for name in ("rms_norm_eps", "moe_capacity_factor", "rope_theta", "initializer_range", "ssm_dt_min",
+                     "ssm_dt_max", "ssm_dt_init_floor", "ssm_a_init_min", "ssm_a_init_max"):
+            check_number(name, getattr(self, name), minimum=0, min_open=True)
         for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
-            if float(getattr(self, name)) < 0:
-                fail(name, "must be >= 0")
+            check_number(name, getattr(self, name), minimum=0)
+        for name in ("tie_word_embeddings", "ssm_conv_bias"):
+            check_bool(name, getattr(self, name))
+        if self.ssm_dt_min > self.ssm_dt_max:
+            fail("ssm_dt_min", f"exceeds ssm_dt_max={self.ssm_dt_max}")
+        if self.ssm_a_init_min > self.ssm_a_init_max:
+            fail("ssm_a_init_min", f"exceeds ssm_a_init_max={self.ssm_a_init_max}")
 
         for name in ("layer_mixers", "layer_ffns"):
-            if len(getattr(self, name)) != self.n_layers:
+            value = getattr(self, name)
+            if not isinstance(value, list):
+                fail(name, "must be a list with one entry per layer")
+            if len(value) != self.n_layers:
                 raise ConfigError(f"{name}: needs one entry per layer, n_layers={self.n_layers}, "
-                                  f"got {len(getattr(self, name))}")
-        for kind in self.layer_mixers:
-            choice("layer_mixers", MIXERS, kind)
-        for kind in self.layer_ffns:
-            choice("layer_ffns", FFNS, kind)
-        choice("attn_type", ATTENTION_TYPES)
-        choice("diff2_lambda", DIFF2_LAMBDA_MODES)
-        choice("moe_router", ROUTERS)
-        choice("ffn_activation", ACTIVATIONS)
+                                  f"got {len(value)}")
+        for i, kind in enumerate(self.layer_mixers):
+            check_choice(f"layer_mixers[{i}]", kind, MIXERS)
+        for i, kind in enumerate(self.layer_ffns):
+            check_choice(f"layer_ffns[{i}]", kind, FFNS)
+        check_choice("attn_type", self.attn_type, ATTENTION_TYPES)
+        check_choice("diff2_lambda", self.diff2_lambda, DIFF2_LAMBDA_MODES)
+        check_choice("moe_router", self.moe_router, ROUTERS)
+        check_choice("ffn_activation", self.ffn_activation, ACTIVATIONS)
 
         if self.ssm_d_inner % self.ssm_head_dim:
             fail("ssm_head_dim", f"must divide d_inner = ssm_expand * d_model = {self.ssm_d_inner}")
@@ -186,6 +205,8 @@ class MambaMoEConfig:
         if self.embedding_rank and not self.tie_word_embeddings:
             fail("tie_word_embeddings", "factorized embeddings are always tied to the output head")
 
+        if self.rope_scaling is not None:
+            check_mapping(self.rope_scaling, "rope_scaling")
         if "attention" in self.layer_mixers:
             if self.attn_head_dim is None:
                 split = 2 * self.attn_num_heads if self.attn_type == "diff" else self.attn_num_heads
@@ -203,19 +224,17 @@ class MambaMoEConfig:
         rs = self.rope_scaling
         if rs is None:
             return
-        allowed = {"type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                   "attention_factor"}
-        for key in rs:
-            if key not in allowed:
-                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
-                raise ConfigError(f"rope_scaling.{key}: unknown key" +
-                                  (f"; did you mean {hint[0]!r}?" if hint else ""))
+        check_keys(rs, _ROPE_SCALING_KEYS, "rope_scaling")
         if rs.get("type") != "yarn":
             raise ConfigError(f"rope_scaling.type: only 'yarn' is supported (got {rs.get('type')!r})")
-        if not float(rs.get("factor", 0)) >= 1.0:
-            raise ConfigError(f"rope_scaling.factor: must be >= 1 (got {rs.get('factor')!r})")
-        if int(rs.get("original_max_position_embeddings", 0)) <= 0:
-            raise ConfigError("rope_scaling.original_max_position_embeddings: must be a positive integer")
+        for key in ("factor", "beta_fast", "beta_slow", "attention_factor"):
+            if key in rs:
+                rs[key] = coerce_float(f"rope_scaling.{key}", rs[key])
+        check_number("rope_scaling.factor", rs.get("factor"), minimum=1)
+        check_int("rope_scaling.original_max_position_embeddings", rs.get("original_max_position_embeddings"),
+                  minimum=1)
+        for key in ("beta_fast", "beta_slow", "attention_factor"):
+            check_number(f"rope_scaling.{key}", rs.get(key), minimum=0, min_open=True, optional=True)
 
     # ---- I/O -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -223,28 +242,14 @@ class MambaMoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MambaMoEConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: expected a mapping of field names to values, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
+        data = check_mapping(data, "config")
         if "rope_parameters" in data:  # config.json's form (see to_hf_dict)
-            data = dict(data)
-            rope = dict(data.pop("rope_parameters") or {})
+            rope = dict(check_mapping(data.pop("rope_parameters") or {}, "rope_parameters"))
             if "rope_theta" in rope:
                 data.setdefault("rope_theta", rope.pop("rope_theta"))
             kind = rope.pop("rope_type", rope.pop("type", "default"))
             data["rope_scaling"] = None if kind == "default" and not rope else {"type": kind, **rope}
-        clean = {}
-        for key, value in data.items():
-            if key in _META_KEYS:
-                continue
-            if key not in names:
-                hint = difflib.get_close_matches(key, names, n=1)
-                raise ConfigError(f"{key}: unknown config key" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-            clean[key] = value
-        try:
-            return cls(**clean)
-        except TypeError as err:  # e.g. a list where a number belongs, caught before validate()
-            raise ConfigError(f"config: {err}") from err
+        return build_dataclass(cls, data, ignore=_META_KEYS)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The dictionary written as ``config.json`` beside the weights (HF conventions).
@@ -267,9 +272,7 @@ class MambaMoEConfig:
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
             text = json.dumps(self.to_hf_dict(), indent=2) + "\n"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> MambaMoEConfig:
@@ -278,17 +281,21 @@ class MambaMoEConfig:
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"{path}: config file not found")
-        text = path.read_text()
+        if not path.is_file():
+            raise ConfigError(f"{path}: not a file (give a YAML/JSON config or a directory holding config.json)")
         try:
+            text = decode_text(path.read_bytes(), str(path))
             data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except InvalidTextError as err:
+            raise ConfigError(str(err)) from None
         except (yaml.YAMLError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
                               f"{err}") from err
-        if isinstance(data, dict) and "preset" in data:  # YAML may start from a preset and override
-            base = get_preset(data.pop("preset")).to_dict()
-            base.update(data)
-            data = base
         try:
+            if isinstance(data, dict) and "preset" in data:  # YAML may start from a preset and override
+                base = get_preset(data.pop("preset")).to_dict()
+                base.update(data)
+                data = base
             return cls.from_dict(data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from err
@@ -380,10 +387,8 @@ PRESETS = {
 
 def get_preset(name: str, **overrides: Any) -> MambaMoEConfig:
     """A named preset, optionally with fields overridden (validated like any config)."""
-    if name not in PRESETS:
-        hint = difflib.get_close_matches(name, list(PRESETS), n=1)
-        raise ConfigError(f"preset: unknown preset {name!r}; known: {sorted(PRESETS)}"
-                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; known: {sorted(PRESETS)}{suggestion(name, PRESETS)}")
     config = PRESETS[name]()
     return config.replace(**overrides) if overrides else config
 

@@ -7,19 +7,20 @@ Typical use (see docs/data.md)::
     loader = PackedLoader(PackedDataset("data/stdlib", seq_len=512, tokenizer=tok), batch_size=8)
 """
 
-from .chat import encode_chat, render_chat_text
+from .chat import ChatEncoder, encode_chat, encode_chat_prompt
+from .chatml import CHAT_TEMPLATE, END_TOKENS, SPECIAL_TOKEN_IDS, SPECIAL_TOKENS, render_chat_text
 from .config import DataError, PrepareConfig, SourceConfig
 from .encode import DocumentEncoder
 from .loader import Batch, PackedDataset, PackedLoader
 from .prepare import PrepareResult, prepare, prepare_stdlib
-from .sft import SFTBatch, SFTDataset, SFTLoader
+from .sft import SFTBatch, SFTDataset, SFTLoader, read_chats
 from .shards import TokenizerMismatchError, load_manifest
 from .sources import SkipLog, stdlib_files
+from .split import content_digest, is_validation, split_documents
 from .tokenizer import (
-    CHAT_TEMPLATE,
     LLAMA_CPP_PRE,
-    SPECIAL_TOKENS,
     TokenizerError,
+    TokenizerNotFoundError,
     llama_cpp_pre_name,
     load_tokenizer,
     save_tokenizer,
@@ -30,9 +31,11 @@ from .tokenizer import (
 )
 
 __all__ = [
-    "CHAT_TEMPLATE", "LLAMA_CPP_PRE", "SPECIAL_TOKENS", "Batch", "DataError", "DocumentEncoder", "PackedDataset",
-    "PackedLoader", "PrepareConfig", "PrepareResult", "SFTBatch", "SFTDataset", "SFTLoader", "SkipLog",
-    "SourceConfig", "TokenizerError", "TokenizerMismatchError", "encode_chat", "llama_cpp_pre_name", "load_manifest",
-    "load_tokenizer", "prepare", "prepare_stdlib", "render_chat_text", "save_tokenizer", "special_ids",
-    "stdlib_files", "stdlib_tokenizer", "tokenizer_hash", "train_tokenizer",
+    "CHAT_TEMPLATE", "END_TOKENS", "LLAMA_CPP_PRE", "SPECIAL_TOKENS", "SPECIAL_TOKEN_IDS", "Batch", "ChatEncoder",
+    "DataError", "DocumentEncoder", "PackedDataset", "PackedLoader", "PrepareConfig", "PrepareResult", "SFTBatch",
+    "SFTDataset", "SFTLoader", "SkipLog", "SourceConfig", "TokenizerError", "TokenizerMismatchError",
+    "TokenizerNotFoundError", "content_digest", "encode_chat", "encode_chat_prompt", "is_validation",
+    "llama_cpp_pre_name", "load_manifest", "load_tokenizer", "prepare", "prepare_stdlib", "read_chats",
+    "render_chat_text", "save_tokenizer", "special_ids", "split_documents", "stdlib_files", "stdlib_tokenizer",
+    "tokenizer_hash", "train_tokenizer",
 ]

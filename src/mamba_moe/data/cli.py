@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..cli_types import non_negative_int
 from .config import DataError, PrepareConfig, SourceConfig
 
 
@@ -43,7 +44,8 @@ def register(subparsers: Any) -> None:
     ins.add_argument("path", help="folder written by `data prepare`")
     ins.add_argument("--split", default="train", choices=["train", "val"])
     ins.add_argument("--tokenizer", help="tokenizer for decoding (default: the one named in the manifest)")
-    ins.add_argument("--sample-tokens", type=int, default=200, help="length of the decoded sample")
+    ins.add_argument("--sample-tokens", type=non_negative_int, default=200,
+                     help="length of the decoded sample (0: counts only)")
     ins.add_argument("--seed", type=int, default=None, help="pick the sample document with this seed")
     ins.set_defaults(func=cmd_inspect)
 
@@ -151,6 +153,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             for reason, info in reasons.items():
                 print(f"{kind}: {source}: {info['count']} x {reason} (e.g. {info['examples'][0]})")
 
+    if args.sample_tokens == 0:
+        return 0
     shards = [s for s in m["shards"] if s["split"] == args.split and s["n_docs"]]
     if not shards:
         print(f"no {args.split} documents to sample")

@@ -7,13 +7,19 @@ closest known one, so ``txt_field`` fails at once instead of silently reading no
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+from .. import validation
+from ..user_text import InvalidTextError, decode_text
+from ..validation import ConfigError
+
+T = TypeVar("T")
 
 SOURCE_KINDS = ("files", "jsonl", "parquet", "hf", "stdlib")
 ENCODING_ERRORS = ("skip", "replace")
@@ -21,43 +27,35 @@ DTYPES = ("auto", "uint16", "uint32")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class DataError(ValueError):
-    """Bad data configuration or input; the message names the field, source or file."""
+class DataError(ConfigError):
+    """Bad data configuration or input; the message names the field, source or file.
+
+    A :class:`mamba_moe.validation.ConfigError` (so one ``except`` covers every configuration), raised
+    here under its own name so callers can tell a data problem from a model or training one.
+    """
 
 
-def _check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise DataError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            hint = difflib.get_close_matches(str(key), names, n=1)
-            raise DataError(f"{where}.{key}: unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                            + f" (known: {', '.join(names)})")
-    return dict(data)
+def _data_errors(check: Callable[..., T]) -> Callable[..., T]:
+    """``check`` from :mod:`mamba_moe.validation`, raising :class:`DataError` with the same message."""
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        try:
+            return check(*args, **kwargs)
+        except DataError:
+            raise
+        except ConfigError as err:
+            raise DataError(str(err)) from None
+    wrapped.__doc__ = check.__doc__
+    return wrapped
 
 
-def _types(obj: Any, where: str, strings: tuple[str, ...] = (), optional_strings: tuple[str, ...] = (),
-           flags: tuple[str, ...] = (), string_lists: tuple[str, ...] = ()) -> None:
-    """Check the YAML types of fields, so ``streaming: "no"`` fails here rather than acting as True."""
-    for name in strings + optional_strings:
-        value = getattr(obj, name)
-        if not (isinstance(value, str) and value) and not (value is None and name in optional_strings):
-            raise DataError(f"{where}.{name}: must be a non-empty string (got {value!r})")
-    for name in flags:
-        if not isinstance(getattr(obj, name), bool):
-            raise DataError(f"{where}.{name}: must be true or false (got {getattr(obj, name)!r})")
-    for name in string_lists:
-        value = getattr(obj, name)
-        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
-            raise DataError(f"{where}.{name}: must be a list of paths (got {value!r})")
-
-
-def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        raise DataError(f"{where}: {value!r} is not one of {list(allowed)}"
-                        + (f"; did you mean {hint[0]!r}?" if hint else ""))
+_check_keys = _data_errors(validation.check_keys)
+_check_choice = _data_errors(validation.check_choice)
+_check_bool = _data_errors(validation.check_bool)
+_check_int = _data_errors(validation.check_int)
+_check_number = _data_errors(validation.check_number)
+_check_str = _data_errors(validation.check_str)
+_check_str_list = _data_errors(validation.check_str_list)
+_build = _data_errors(validation.build_dataclass)
 
 
 @dataclass
@@ -95,37 +93,30 @@ class SourceConfig:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise DataError(f"{where}.name: {self.name!r} must be a file-name-safe identifier "
                             "(letters, digits, '_', '.', '-')")
-        _choice(f"{where}.kind", self.kind, SOURCE_KINDS)
+        _check_choice(f"{where}.kind", self.kind, SOURCE_KINDS)
         if not isinstance(self.domain, str) or not _NAME.match(self.domain):
             raise DataError(f"{where}.domain: {self.domain!r} must be a short label such as code, math, web, chat")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, int | float) or not self.weight > 0:
-            raise DataError(f"{where}.weight: must be a number > 0 (got {self.weight!r})")
-        if isinstance(self.paths, str):
-            self.paths = [self.paths]
+        _check_number(f"{where}.weight", self.weight, minimum=0, min_open=True)
+        self.paths = _check_str_list(f"{where}.paths", self.paths, what="a list of paths")
         if self.kind in ("files", "jsonl", "parquet") and not self.paths:
             raise DataError(f"{where}.paths: a {self.kind!r} source needs at least one file, folder or glob")
+        self.data_files = _check_str_list(f"{where}.data_files", self.data_files, optional=True,
+                                          what="a list of paths")
+        for name in ("text_field", "glob", "split"):
+            _check_str(f"{where}.{name}", getattr(self, name))
+        for name in ("messages_field", "dataset", "config_name", "data_dir"):
+            _check_str(f"{where}.{name}", getattr(self, name), optional=True)
         if self.kind == "hf" and not self.dataset:
             raise DataError(f"{where}.dataset: an 'hf' source needs a dataset name or builder "
                             "(e.g. 'json' with data_files)")
-        if self.max_docs is not None and (not isinstance(self.max_docs, int) or self.max_docs <= 0):
-            raise DataError(f"{where}.max_docs: must be a positive integer or null (got {self.max_docs!r})")
-        _choice(f"{where}.encoding_errors", self.encoding_errors, ENCODING_ERRORS)
-        if isinstance(self.data_files, str):
-            self.data_files = [self.data_files]
-        _types(self, where, strings=("text_field", "glob", "split"),
-               optional_strings=("messages_field", "dataset", "config_name", "data_dir"),
-               flags=("streaming", "include_tests", "site_packages"), string_lists=("paths", "data_files"))
+        for name in ("streaming", "include_tests", "site_packages"):
+            _check_bool(f"{where}.{name}", getattr(self, name))
+        _check_int(f"{where}.max_docs", self.max_docs, minimum=1, optional=True)
+        _check_choice(f"{where}.encoding_errors", self.encoding_errors, ENCODING_ERRORS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "source") -> SourceConfig:
-        clean = _check_keys(data, cls, where)
-        for key in ("name", "kind"):
-            if key not in clean:
-                raise DataError(f"{where}.{key}: required")
-        try:
-            return cls(**clean)
-        except TypeError as err:
-            raise DataError(f"{where}: {err}") from err
+        return _build(cls, data, where, list_known=True)
 
 
 @dataclass
@@ -157,9 +148,8 @@ class PrepareConfig:
 
     def validate(self) -> None:
         for name in ("tokenizer", "output"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise DataError(f"{name}: must be a path (got {getattr(self, name)!r})")
-        if not self.sources:
+            _check_str(name, getattr(self, name), what="a path")
+        if not isinstance(self.sources, list) or not self.sources:
             raise DataError("sources: the corpus needs at least one source")
         seen: set[str] = set()
         for i, source in enumerate(self.sources):
@@ -167,30 +157,21 @@ class PrepareConfig:
             if source.name in seen:
                 raise DataError(f"sources[{i}].name: {source.name!r} is used twice; names must be unique")
             seen.add(source.name)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise DataError(f"seed: must be an integer in [0, 2**63) (got {self.seed!r})")
-        if not isinstance(self.val_fraction, int | float) or not 0 <= self.val_fraction < 1:
-            raise DataError(f"val_fraction: must be in [0, 1) (got {self.val_fraction!r})")
-        if not isinstance(self.workers, int) or self.workers < 0:
-            raise DataError(f"workers: must be >= 0, 0 meaning one per core (got {self.workers!r})")
-        if not isinstance(self.shard_mb, int | float) or not self.shard_mb > 0:
-            raise DataError(f"shard_mb: must be > 0 (got {self.shard_mb!r})")
-        if not isinstance(self.min_chars, int) or self.min_chars < 1:
-            raise DataError(f"min_chars: must be an integer >= 1 (got {self.min_chars!r})")
-        _choice("dtype", self.dtype, DTYPES)
-        _types(self, "config", flags=("dedup", "progress"))
+        _check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        _check_number("val_fraction", self.val_fraction, minimum=0, maximum=1, max_open=True)
+        _check_int("workers", self.workers, minimum=0)
+        _check_number("shard_mb", self.shard_mb, minimum=0, min_open=True)
+        _check_int("min_chars", self.min_chars, minimum=1)
+        _check_choice("dtype", self.dtype, DTYPES)
+        for name in ("dedup", "progress"):
+            _check_bool(name, getattr(self, name))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrepareConfig:
-        clean = _check_keys(data, cls, "config")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in clean]
-        if missing:
-            raise DataError(f"config: missing required key(s): {', '.join(missing)}")
-        if not isinstance(clean["sources"], list):
+        data = _check_keys(data, validation.field_names(cls), "config", list_known=True)
+        if "sources" in data and not isinstance(data["sources"], list):
             raise DataError("sources: expected a list of sources")
-        return cls(**clean)
+        return _build(cls, data, "config")
 
     @classmethod
     def load(cls, path: str | Path) -> PrepareConfig:
@@ -199,8 +180,10 @@ class PrepareConfig:
         if not path.is_file():
             raise DataError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            data = yaml.safe_load(decode_text(path.read_bytes(), str(path)))
+        except InvalidTextError as err:
+            raise DataError(str(err)) from None
+        except yaml.YAMLError as err:
             raise DataError(f"{path}: not valid YAML: {err}") from err
         try:
             return cls.from_dict(data)

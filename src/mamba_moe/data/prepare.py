@@ -1,7 +1,7 @@
 """``data prepare``: read a mixture of sources, tokenize in parallel, write token shards and a manifest.
 
 The main process reads documents in a fixed order (sources in config order), drops exact duplicates,
-assigns each document to train or validation from a keyed hash of its content, and groups documents
+assigns each document to train or validation from a keyed hash of its content (:mod:`.split`), and groups documents
 into shards of about ``shard_mb`` of text per (source, split). Worker processes tokenize and write the
 shards. A shard whose inputs (document hashes, tokenizer, format) match a finished shard on disk is not
 tokenized again, so an interrupted or extended run resumes where it stopped.
@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from .chat import encode_chat
 from .config import DataError, PrepareConfig, SourceConfig
 from .encode import DocumentEncoder
-from .shards import FORMAT, MANIFEST, VERSION, atomic_write, finished_shard, remove_temporaries, write_shard
+from .shards import FORMAT, MANIFEST, VERSION, finished_shard, remove_temporaries, write_shard
 from .sources import DUPLICATE, SkipLog, check_source, iter_documents
+from .split import content_digest, is_validation
 from .tokenizer import (
     backend,
     llama_cpp_pre_name,
@@ -117,19 +119,6 @@ def _run_job(args: tuple[str, _Job, str, dict[str, Any], Any]) -> dict[str, Any]
 
 # ---- main side ------------------------------------------------------------------------------------
 
-def is_validation(digest: bytes, seed: int, val_fraction: float) -> bool:
-    """Whether a document with content ``digest`` goes to validation under ``seed``.
-
-    A keyed hash, so the split is fixed by (content, seed) alone: order, workers, other documents and
-    re-runs do not move a document, and duplicates in different sources land on the same side.
-    """
-    if val_fraction <= 0:
-        return False
-    key = seed.to_bytes(8, "little")
-    value = int.from_bytes(hashlib.blake2b(digest, key=key, digest_size=8).digest(), "little")
-    return value < val_fraction * 2**64
-
-
 def _jobs(config: PrepareConfig, log: SkipLog, counts: dict[str, int], bar: Any) -> Iterator[_Job]:
     """Group each source's documents into shard jobs per split, in a deterministic order."""
     limit = int(config.shard_mb * 1e6)
@@ -149,9 +138,8 @@ def _jobs(config: PrepareConfig, log: SkipLog, counts: dict[str, int], bar: Any)
             return job
 
         for doc in iter_documents(source, log, config.min_chars):
-            content = doc.key().encode("utf-8", "surrogatepass")
-            digest = hashlib.blake2b(content, digest_size=16).digest()
-            n_bytes = len(content)
+            digest = content_digest(doc)
+            n_bytes = len(doc.key().encode("utf-8"))  # valid UTF-8: iter_documents skipped invalid text
             bar.update(n_bytes)
             if config.dedup:
                 if digest in seen:

@@ -17,18 +17,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..ops.cross_entropy import IGNORE_INDEX
 from .chat import encode_chat
 from .config import DataError, SourceConfig
 from .encode import DocumentEncoder
 from .loader import _key, permute, positions_from_starts
-from .sources import BAD_MESSAGES, Document, SkipLog, iter_documents, messages_problem
+from .sources import (
+    BAD_MESSAGES,
+    INVALID_TEXT,
+    Document,
+    SkipLog,
+    check_source,
+    iter_documents,
+    messages_problem,
+    text_problem,
+)
+from .split import split_documents
 from .tokenizer import special_ids, tokenizer_hash
+
+__all__ = ["IGNORE_INDEX", "SFTBatch", "SFTDataset", "SFTLoader", "read_chats"]  # IGNORE_INDEX: ops' own
 
 NO_TRAINED_TOKENS = "no-assistant-turn"
 TOO_LONG = "too-long"
 NOT_A_CHAT = "not-a-chat"
 _STATE_VERSION = 1
-IGNORE_INDEX = -100
 
 
 class SFTDataset:
@@ -57,6 +69,10 @@ class SFTDataset:
             problem = messages_problem(messages)
             if problem:
                 self.skips.skip(source, BAD_MESSAGES, where, problem)
+                continue
+            problem = text_problem(Document(text=None, messages=messages, where=where))
+            if problem:  # in-memory chats are not read through iter_documents, which checks this for files
+                self.skips.skip(source, INVALID_TEXT, where, problem)
                 continue
             ids, mask = encode_chat(encoder.encode, self.special, messages, train_roles)
             if len(ids) > max_tokens:
@@ -87,6 +103,23 @@ class SFTDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def read_chats(paths: str | Sequence[str], skips: SkipLog, messages_field: str = "messages",
+               max_docs: int | None = None, seed: int = 0, val_fraction: float = 0.0, name: str = "chat",
+               where: str = "data") -> tuple[list[Document], list[Document]]:
+    """(train, validation) chats of JSONL files, split by :func:`~mamba_moe.data.split.split_documents`.
+
+    Every record that is not a usable chat is counted in ``skips`` under its reason with ``file:line``
+    (bad JSON, not an object, missing ``messages_field``, bad messages, invalid UTF-8 or text, empty), so a
+    caller reports what the data lost instead of training on less without a word. Configuration
+    problems (a path that matches nothing) raise :class:`DataError` naming ``where``.
+    """
+    source = SourceConfig(name=name, kind="jsonl", domain="chat", paths=[paths] if isinstance(paths, str)
+                          else list(paths), messages_field=messages_field, max_docs=max_docs)
+    source.validate(where)
+    check_source(source, where)  # a path that matches nothing fails here, naming ``where``
+    return split_documents(iter_documents(source, skips), seed, val_fraction)
 
 
 @dataclass

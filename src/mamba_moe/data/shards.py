@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write
 from .config import DataError
 
 MANIFEST = "manifest.json"
@@ -27,17 +28,6 @@ _TMP = ".tmp-"
 
 class TokenizerMismatchError(DataError):
     """The shards were made by a different tokenizer than the one given: their ids would be garbage."""
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync'ed, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_array(path: Path, array: np.ndarray, npy: bool) -> None:

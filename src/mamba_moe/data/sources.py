@@ -9,6 +9,7 @@ package) are raised before any work starts.
 
 from __future__ import annotations
 
+import fnmatch
 import glob as globlib
 import gzip
 import io
@@ -17,11 +18,12 @@ import os
 import sysconfig
 import tokenize
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..user_text import InvalidTextError, check_text, decode_text
 from .config import DataError, SourceConfig
 
 # Skip reasons (a skipped document is not in the shards) and notes (kept, but worth knowing).
@@ -33,8 +35,10 @@ BAD_JSON = "bad-json"
 BAD_RECORD = "bad-record"
 BAD_MESSAGES = "bad-messages"
 DUPLICATE = "duplicate"
+INVALID_TEXT = "invalid-text"          # a lone surrogate (e.g. a JSON "\ud800" escape): no tokenizer takes it
 REPLACED_UTF8 = "utf8-replaced"
 DECLARED_ENCODING = "pep263-decoded"
+SYMLINK_LOOP = "symlink-loop"          # a note: a directory link back into its own ancestors, not followed
 
 _TEST_DIRS = {"test", "tests", "idle_test"}
 _MAX_EXAMPLES = 5
@@ -131,20 +135,25 @@ def _walk_py(root: Path, skip: set[str]) -> list[Path]:
 
 # ---- resolving inputs -----------------------------------------------------------------------------
 
-def resolve_paths(source: SourceConfig, where: str = "source") -> list[Path]:
+def resolve_paths(source: SourceConfig, where: str = "source", log: SkipLog | None = None) -> list[Path]:
     """The files of a files/jsonl/parquet/stdlib source, sorted and de-duplicated.
 
     Raises :class:`DataError` naming every entry of ``paths`` that matches nothing, before any reading.
+    Directory links that loop back (see :func:`glob_files`) are noted in ``log`` as ``symlink-loop``.
     """
     if source.kind == "stdlib":
         return stdlib_files(source.include_tests, source.site_packages)
     found: list[Path] = []
     missing = []
+
+    def on_loop(link: Path, target: Path) -> None:
+        if log is not None:
+            log.note(source.name, SYMLINK_LOOP, str(link), f"links back to {target}; not followed")
+
     for entry in source.paths:
         entry = str(Path(entry).expanduser())
-        if any(ch in entry for ch in "*?["):
-            matches = [Path(p) for p in sorted(globlib.glob(entry, recursive=True))]
-            matches = [p for p in matches if not p.is_dir()]
+        if globlib.has_magic(entry):
+            matches = [p for p in sorted(glob_files(entry, on_loop)) if not p.is_dir()]
         else:
             path = Path(entry)
             if path.is_dir():
@@ -168,6 +177,115 @@ def resolve_paths(source: SourceConfig, where: str = "source") -> list[Path]:
     return unique
 
 
+def glob_files(pattern: str, on_loop: Callable[[Path, Path], None] | None = None) -> Iterator[Path]:
+    """What ``glob.glob(pattern, recursive=True)`` yields, except that ``**`` never re-enters a directory.
+
+    ``glob.glob`` follows directory symlinks under ``**``, so a link to an ancestor (``data/loop -> ..``)
+    makes it recurse until paths exceed the OS limit: practically never finishing, since every level
+    multiplies. Here ``**`` still follows links (a linked dataset folder is read, as before), but a
+    directory whose identity (device, inode) is already on the current path is a loop: it is skipped and
+    reported to ``on_loop(link, target)``. Everything else is glob's: ``*``, ``?`` and ``[...]`` within one
+    component, names starting with a dot matched only by patterns that start with one, ``**`` matching
+    zero or more directories (and, last, every file below).
+    """
+    parts = Path(pattern).parts
+    literal = 0
+    while literal < len(parts) and not globlib.has_magic(parts[literal]):
+        literal += 1
+    base = Path(*parts[:literal]) if literal else Path()
+    rest = parts[literal:]
+    if not rest:  # no wildcard at all: the path itself, as glob.glob would (exists or is a link)
+        if os.path.lexists(base):
+            yield base
+        return
+    try:
+        start = os.stat(base)
+    except OSError:
+        return
+    yield from _glob_select(base, rest, ((start.st_dev, start.st_ino),), on_loop)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _list(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError:  # unreadable folders are passed over, as glob does
+        return []
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links, as glob does
+    except OSError:
+        return False
+
+
+def _glob_select(folder: Path, parts: tuple[str, ...], ancestors: tuple[tuple[int, int], ...],
+                 on_loop: Callable[[Path, Path], None] | None) -> Iterator[Path]:
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        if not rest:  # a final ** matches zero directories too: the folder itself, as glob yields it
+            yield folder
+        yield from _glob_recursive(folder, rest, ancestors, on_loop)
+        return
+    if not globlib.has_magic(head):
+        child = folder / head
+        if not rest:
+            if os.path.lexists(child):
+                yield child
+        elif child.is_dir():
+            ident = _identity(child)
+            if ident is not None:
+                yield from _glob_select(child, rest, ancestors + (ident,), on_loop)
+        return
+    entries = _list(folder)
+    if not head.startswith("."):
+        entries = [e for e in entries if not e.name.startswith(".")]
+    for entry in entries:
+        if not fnmatch.fnmatchcase(entry.name, head):
+            continue
+        child = folder / entry.name
+        if not rest:
+            yield child
+        elif _is_dir(entry):
+            ident = _identity(child)
+            if ident is not None:  # a fixed-depth pattern ends even through a loop: glob's result, unchanged
+                yield from _glob_select(child, rest, ancestors + (ident,), on_loop)
+
+
+def _glob_recursive(folder: Path, rest: tuple[str, ...], ancestors: tuple[tuple[int, int], ...],
+                    on_loop: Callable[[Path, Path], None] | None) -> Iterator[Path]:
+    """``**`` at ``folder``: ``rest`` applied to ``folder`` and to every directory below it, loops cut."""
+    if rest:
+        yield from _glob_select(folder, rest, ancestors, on_loop)
+    for entry in _list(folder):
+        if entry.name.startswith("."):
+            continue
+        child = folder / entry.name
+        if not _is_dir(entry):
+            if not rest:  # a final ** matches every file too
+                yield child
+            continue
+        ident = _identity(child)
+        if ident is None:
+            continue
+        if ident in ancestors:
+            if on_loop is not None:
+                on_loop(child, Path(os.path.realpath(child)))
+            continue
+        if not rest:
+            yield child
+        yield from _glob_recursive(child, rest, ancestors + (ident,), on_loop)
+
+
 def check_source(source: SourceConfig, where: str = "source") -> None:
     """Fail early on problems that would otherwise surface mid-run (missing files or packages)."""
     if source.kind in ("files", "jsonl", "parquet", "stdlib"):
@@ -187,14 +305,15 @@ def _require(module: str, message: str) -> None:
 
 # ---- reading --------------------------------------------------------------------------------------
 
-def decode_bytes(raw: bytes, path: Path | None, errors: str) -> tuple[str | None, str | None]:
+def decode_bytes(raw: bytes, path: Path | None, errors: str, where: str = "") -> tuple[str | None, str | None]:
     """Text of ``raw`` and a note: UTF-8, else (``.py``) the PEP 263 declared encoding, else per ``errors``.
 
+    Strict UTF-8 is :func:`mamba_moe.user_text.decode_text`, the project's one policy for user text.
     Returns ``(None, NON_UTF8)`` when the document must be skipped.
     """
     try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError:
+        return decode_text(raw, where), None
+    except InvalidTextError:
         pass
     if path is not None and path.suffix == ".py":
         try:
@@ -206,6 +325,28 @@ def decode_bytes(raw: bytes, path: Path | None, errors: str) -> tuple[str | None
     if errors == "replace":
         return raw.decode("utf-8", errors="replace"), REPLACED_UTF8
     return None, NON_UTF8
+
+
+def _bad_utf8(raw: bytes) -> tuple[int, str]:
+    """Where ``raw`` stops being UTF-8: its line (from 1) and ``byte B (0xNN) is not UTF-8``."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return raw.count(b"\n", 0, exc.start) + 1, f"byte {exc.start} (0x{raw[exc.start]:02x}) is not UTF-8"
+    return 1, ""
+
+
+def text_problem(doc: Document) -> str | None:
+    """Why no tokenizer can take ``doc``'s text (a lone surrogate, via :func:`check_text`), or None."""
+    try:
+        if doc.text is not None:
+            check_text(doc.text, "text")
+        for i, message in enumerate(doc.messages or ()):
+            check_text(message["role"], f"messages[{i}].role")
+            check_text(message["content"], f"messages[{i}].content")
+    except InvalidTextError as err:
+        return str(err)
+    return None
 
 
 def iter_documents(source: SourceConfig, log: SkipLog, min_chars: int = 1) -> Iterator[Document]:
@@ -225,6 +366,12 @@ def iter_documents(source: SourceConfig, log: SkipLog, min_chars: int = 1) -> It
         raise DataError(f"source {source.name!r}: unknown kind {source.kind!r}")
     count = 0
     for doc in docs:
+        # One check for every kind: JSON's "\ud800" escape (jsonl, parquet, hf) is valid JSON but not text,
+        # and would abort the tokenizer mid-run; here it is one counted skip naming file:line.
+        problem = text_problem(doc)
+        if problem is not None:
+            log.skip(source.name, INVALID_TEXT, doc.where, problem)
+            continue
         if doc.chars() < min_chars or (doc.text is not None and not doc.text.strip()):
             log.skip(source.name, EMPTY, doc.where)
             continue
@@ -235,15 +382,16 @@ def iter_documents(source: SourceConfig, log: SkipLog, min_chars: int = 1) -> It
 
 
 def _file_documents(source: SourceConfig, log: SkipLog) -> Iterator[Document]:
-    for path in resolve_paths(source):
+    for path in resolve_paths(source, log=log):
         try:
             raw = path.read_bytes()
         except OSError as err:
             log.skip(source.name, UNREADABLE, str(path), err.strerror or type(err).__name__)
             continue
-        text, note = decode_bytes(raw, path, source.encoding_errors)
+        text, note = decode_bytes(raw, path, source.encoding_errors, str(path))
         if text is None:
-            log.skip(source.name, NON_UTF8, str(path))
+            line, problem = _bad_utf8(raw)
+            log.skip(source.name, NON_UTF8, f"{path}:{line}", problem)
             continue
         if note:
             log.note(source.name, note, str(path))
@@ -257,16 +405,16 @@ def _open_lines(path: Path) -> Iterator[bytes]:
 
 
 def _jsonl_documents(source: SourceConfig, log: SkipLog) -> Iterator[Document]:
-    for path in resolve_paths(source):
+    for path in resolve_paths(source, log=log):
         try:
             lines = _open_lines(path)
             for lineno, raw in enumerate(lines, 1):
                 where = f"{path}:{lineno}"
                 if not raw.strip():
                     continue
-                line, note = decode_bytes(raw, None, source.encoding_errors)
+                line, note = decode_bytes(raw, None, source.encoding_errors, where)
                 if line is None:
-                    log.skip(source.name, NON_UTF8, where)
+                    log.skip(source.name, NON_UTF8, where, _bad_utf8(raw)[1])
                     continue
                 if note:
                     log.note(source.name, note, where)
@@ -287,7 +435,7 @@ def _parquet_documents(source: SourceConfig, log: SkipLog) -> Iterator[Document]
     import pyarrow.parquet as pq
 
     field = source.messages_field or source.text_field
-    for path in resolve_paths(source):
+    for path in resolve_paths(source, log=log):
         try:
             pfile = pq.ParquetFile(path)
         except (OSError, pa.ArrowException) as err:
@@ -321,10 +469,22 @@ def _hf_documents(source: SourceConfig, log: SkipLog) -> Iterator[Document]:
         raise DataError(f"source {source.name!r}: cannot open dataset {source.dataset!r} "
                         f"(config {source.config_name!r}, split {source.split!r}): {err}") from err
     label = f"{source.dataset}:{source.split}"
-    for i, record in enumerate(data):
+    records = iter(data)
+    i = 0
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as err:  # the builder's own parse error (e.g. pyarrow on a "\ud800" escape) ends
+            # the source: datasets cannot resume past it. Counted, so the run goes on with the other sources.
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.skip(source.name, UNREADABLE, f"{label}[{i}:]", f"the dataset stopped reading: {message}")
+            return
         doc = record_document(record, source, f"{label}[{i}]", log)
         if doc is not None:
             yield doc
+        i += 1
 
 
 def record_document(record: Any, source: SourceConfig, where: str, log: SkipLog) -> Document | None:

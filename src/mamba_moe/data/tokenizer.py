@@ -8,7 +8,11 @@ text differently on the phone than in training. The BPE model sets ``ignore_merg
 does for this pre-tokenizer (a pre-token that is itself in the vocabulary becomes that one token).
 
 Special tokens and their ids are fixed by the team: ``<|pad|>`` 0, ``<|endoftext|>`` 1 (document
-separator), ``<|im_start|>`` 2, ``<|im_end|>`` 3; chats use the ChatML template.
+separator), ``<|im_start|>`` 2, ``<|im_end|>`` 3; chats use the ChatML template. Both are defined once,
+in :mod:`mamba_moe.data.chatml`.
+
+:func:`load_tokenizer` is the one loader for a tokenizer directory (``tokenizer.json``, as saved by
+:func:`save_tokenizer` or found in a checkpoint) or a ``.gguf`` file; training, data and inference use it.
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from ..atomic import atomic_directory
 
-PAD = "<|pad|>"
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS = (PAD, ENDOFTEXT, IM_START, IM_END)  # ids 0, 1, 2, 3 in this order
+# The special tokens, their ids and the chat template live in .chatml; re-exported here for callers that
+# know them as tokenizer settings.
+from .chatml import (  # noqa: F401
+    CHAT_TEMPLATE,
+    END_TOKENS,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    PAD,
+    SPECIAL_TOKENS,
+)
 
 # llama.cpp's name for the pre-tokenizer below: write it as ``tokenizer.ggml.pre`` when exporting GGUF.
 # ("qwen2" is the same split with single digits, ``\p{N}`` instead of ``\p{N}{1,3}``.)
@@ -42,20 +52,21 @@ LLAMA3_SPLIT_REGEX = (
 )
 GPT2_SPLIT_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
-# ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message; the generation prompt opens an assistant turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 DEFAULT_VOCAB_SIZE = 32000
+# Longest pre-token that BPE sees whole, in training and in bulk encoding (encode.py). BPE's cost grows
+# with the pre-token: ~200 bytes of memory per character to encode one, and worse than quadratic time to
+# train on one (a 200k-character run of '~' took 23 s, 400k 164 s, 16 MB would take days). Real text has
+# none this long (the 3.11 standard library's longest, tests included, is 201 characters).
+MAX_PRETOKEN_CHARS = 4096
 CACHE_ENV = "MAMBA_MOE_CACHE"
 
 
 class TokenizerError(ValueError):
     """A tokenizer cannot be built, found or loaded; the message names the file or setting."""
+
+
+class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
+    """The tokenizer's path or its ``tokenizer.json`` does not exist (also a ``FileNotFoundError``)."""
 
 
 # ---- building and training ------------------------------------------------------------------------
@@ -95,7 +106,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
         special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     seen = _CountingIterator(texts)
-    tok.train_from_iterator(seen, trainer=trainer, length=length)
+    tok.train_from_iterator(_without_long_runs(seen), trainer=trainer, length=length)
     if seen.count == 0:
         raise TokenizerError("training corpus: no text given (an empty corpus cannot train a tokenizer)")
     return wrap_tokenizer(tok)
@@ -117,6 +128,29 @@ class _CountingIterator:
             raise TokenizerError(f"training corpus: expected str documents, got {type(text).__name__}")
         self.count += 1
         return text
+
+
+def _without_long_runs(texts: Iterable[str]) -> Iterator[str]:
+    """``texts``, each one cut into several where it holds a run of letters, of punctuation or of whitespace
+    longer than :data:`MAX_PRETOKEN_CHARS` (the only pre-tokens the split patterns leave unbounded).
+
+    The trainer never joins pre-tokens across texts, so every piece of such a run is at most that long; the
+    counts it learns from change only around the cuts. Texts without such a run pass unchanged.
+    """
+    import regex
+
+    limit = MAX_PRETOKEN_CHARS
+    runs = regex.compile(rf"\p{{L}}{{{limit + 1},}}|[^\s\p{{L}}\p{{N}}]{{{limit + 1},}}|\s{{{limit + 1},}}")
+    for text in texts:
+        if len(text) <= limit:
+            yield text
+            continue
+        start = 0
+        for run in runs.finditer(text):
+            for cut in range(run.start() + limit, run.end(), limit):
+                yield text[start:cut]
+                start = cut
+        yield text[start:]
 
 
 def wrap_tokenizer(tok: Tokenizer) -> Any:
@@ -148,34 +182,51 @@ def save_tokenizer(tokenizer: Any, path: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """A ``transformers`` tokenizer from a saved directory or from the tokenizer inside a GGUF file.
+    """A ``transformers`` tokenizer from a directory holding ``tokenizer.json``, or from a GGUF file.
 
-    Nothing is downloaded: ``path`` must exist locally. GGUF reading needs the ``gguf`` package.
+    The directory may be a saved tokenizer or a checkpoint (weights and ``config.json`` beside it). Nothing
+    is downloaded and nothing is converted: without ``tokenizer.json`` the error says exactly that
+    (transformers would otherwise try to build one from ``tokenizer_config.json`` and ask for
+    sentencepiece or tiktoken). GGUF reading needs the ``gguf`` package.
     """
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if not path.exists():
-        raise TokenizerError(f"{path}: tokenizer not found (expected a tokenizer directory or a .gguf file)")
+        raise TokenizerNotFoundError(f"{path}: tokenizer not found (expected a directory holding tokenizer.json, "
+                                     "or a .gguf file)")
     if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise TokenizerError(f"{path}: a tokenizer file must be a .gguf model; otherwise give the directory "
-                                 "that holds tokenizer.json")
-        try:
-            import gguf  # noqa: F401  (transformers needs it for gguf_file=)
-        except ImportError as err:
-            raise TokenizerError(f"{path}: reading a GGUF tokenizer needs the 'gguf' package "
-                                 "(pip install gguf)") from err
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    if not (path / "tokenizer.json").exists():
-        raise TokenizerError(f"{path}: no tokenizer.json in this directory; train one with "
-                             "`mamba-moe data train-tokenizer` or point at a .gguf file")
-    extra: dict[str, Any] = {}
-    if (path / "config.json").exists():  # a checkpoint: keep transformers from reading our model config
-        from transformers import PretrainedConfig
+        return _load_gguf_tokenizer(path)
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise TokenizerNotFoundError(f"{file}: not found; a tokenizer directory needs tokenizer.json (train one "
+                                     "with `mamba-moe data train-tokenizer`, save it beside a checkpoint's "
+                                     "weights, or point at a .gguf file)")
+    try:  # fail here, naming the file, rather than inside transformers' fallbacks
+        Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
+        raise TokenizerError(f"{file}: not a valid tokenizer.json ({err})") from err
+    from transformers import AutoTokenizer, PretrainedConfig
 
-        extra["config"] = PretrainedConfig()
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
+    # In a checkpoint, a neutral config keeps transformers from parsing our config.json as an HF model
+    # config (transformers 5 does so for an unregistered model_type, and fails on it).
+    extra = {"config": PretrainedConfig()} if (path / "config.json").exists() else {}
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
+    except (OSError, ValueError) as err:  # e.g. a malformed tokenizer_config.json
+        raise TokenizerError(f"{path}: cannot load the tokenizer: {err}") from err
+
+
+def _load_gguf_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if path.suffix.lower() != ".gguf":
+        raise TokenizerError(f"{path}: a tokenizer file must be a .gguf model; otherwise give the directory "
+                             "that holds tokenizer.json")
+    try:
+        import gguf  # noqa: F401  (transformers needs it for gguf_file=)
+    except ImportError as err:
+        raise TokenizerError(f"{path}: reading a GGUF tokenizer needs the 'gguf' package "
+                             "(pip install gguf)") from err
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
 def backend(tokenizer: Any) -> Tokenizer:

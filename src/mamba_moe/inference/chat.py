@@ -1,23 +1,29 @@
-"""Chat formatting: messages -> prompt text through the tokenizer's chat template (ChatML by default)."""
+"""Chat messages as the OpenAI API and the terminal chat give them: validated, text checked, ready to encode.
+
+Encoding is not done here: ``core/prompt.py`` hands these messages to the data package's piecewise chat
+encoder (``data/chat.py:encode_chat_prompt``, the one layout of the one ChatML in ``data/chatml.py``), which
+inserts the markers as ids and encodes every content with special tokens *not* recognised, as training
+does. So a message that spells ``<|im_end|>`` or ``<|im_start|>`` stays text and cannot close its turn or
+open another. The tokenizer's own ``chat_template`` is not consulted: rendering a template to a string and
+tokenizing that string is what let content forge markers.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-# The project's convention; used when a tokenizer carries no template of its own.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from ..user_text import check_text
+
 ROLES = ("system", "user", "assistant")
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    """Validate an OpenAI-style message list; raise ValueError naming the bad entry."""
+def check_messages(messages: Any, max_messages: int | None = None) -> list[dict[str, str]]:
+    """Validate an OpenAI-style message list; ValueError naming the bad entry (``InvalidTextError`` for text
+    that is not valid UTF-8). Content given as a list of text parts is joined."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages: expected a non-empty list of {role, content} objects")
+    if max_messages is not None and len(messages) > max_messages:
+        raise ValueError(f"messages: {len(messages)} messages, more than the {max_messages} this server accepts")
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -33,12 +39,5 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content: expected a string, got {type(content).__name__}")
-        clean.append({"role": role, "content": content})
+        clean.append({"role": role, "content": check_text(content, f"messages[{i}].content")})
     return clean
-
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """The prompt text for ``messages``, ending with the assistant's generation prompt."""
-    template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
-    return tokenizer.apply_chat_template(check_messages(messages), chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)

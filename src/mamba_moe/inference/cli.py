@@ -1,34 +1,42 @@
-"""``mamba-moe generate``, ``chat`` and ``serve``: inference from a checkpoint directory.
+"""``mamba-moe generate``, ``chat`` and ``serve``: argument parsing over ``load_engine`` and ``serve``.
 
     mamba-moe generate ckpt/ "Once upon a time" --max-tokens 64 --temperature 0.8 --seed 1
     mamba-moe chat ckpt/ --system "You are concise."
     mamba-moe serve ckpt/ --port 8000
+
+This module only turns arguments into calls: the engine is built by ``core.engine.load_engine`` and the
+server run by ``serving.server.serve``, neither of which knows about argparse. Text from the command line
+and from standard input goes through ``user_text`` (one policy: invalid UTF-8 is refused by position).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .sampling import SamplingParams
+from ..cli_types import non_negative_float, positive_int
+from ..user_text import InvalidTextError, check_text, decode_text
+from .core.checkpoint import DTYPES
+from .core.engine import Engine, load_engine
+from .core.sampling import SamplingParams
 
 CHAT_HELP = "commands: /exit (or Ctrl-D) quits, /clear forgets the conversation, /system <text> sets the system prompt"
 PROMPT = ">>> "
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory: config.json, model.safetensors, tokenizer files")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=512, help="prompt tokens per prefill step")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="int8: int8 weights for faster CPU decoding (experimental; float32 CPU models)")
-    parser.add_argument("--decoder", choices=["model", "fast", "fast-int8", "cuda-graphs"], default="fast",
+    parser.add_argument("--decoder", choices=list(Engine.DECODERS), default="fast",
                         help="decode step: fast = fused step (default; equals the model's forward), model = the "
                              "model's forward (reference), fast-int8 = fused step with int8 weights (CPU), "
                              "cuda-graphs = fused step replayed as CUDA graphs (GPU)")
@@ -36,7 +44,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most ({max_tokens})")
+    group.add_argument("--max-tokens", type=positive_int, default=max_tokens,
+                       help=f"tokens to generate at most ({max_tokens})")
     group.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -47,38 +56,36 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) ->
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    stops = tuple(check_text(s, "--stop") for s in args.stop)
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          stop=tuple(args.stop), seed=args.seed)
+                          stop=stops, seed=args.seed)
 
 
-def load_engine(args: argparse.Namespace) -> Any:
-    from .engine import Engine
-
+def engine_from_args(args: argparse.Namespace) -> Engine:
+    """The engine the model flags describe (threads are a process setting, so they are set here)."""
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads: must be a positive integer (got {args.threads})")
         torch.set_num_threads(args.threads)
-    decoder = getattr(args, "decoder", "model")
-    if args.quantize == "int8" and decoder == "fast":
-        decoder = "fast-int8"   # the fused step makes its own int8 weights, before the model is quantized
-    engine = Engine.from_pretrained(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype],
-                                    prefill_chunk=args.prefill_chunk, decoder=decoder,
-                                    max_batch=getattr(args, "max_batch", None) or 16)  # graph buckets up to it
-    if args.quantize == "int8":
-        from .quantize import quantize_int8
-
-        quantize_int8(engine.model)
-    return engine
+    return load_engine(args.checkpoint, device=args.device, dtype=args.dtype, decoder=args.decoder,
+                       quantize=args.quantize, prefill_chunk=args.prefill_chunk,
+                       max_batch=getattr(args, "max_batch", None) or 16)  # CUDA-graph buckets up to it
 
 
 # ---- generate ------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    engine = load_engine(args)
+    # argv arrives decoded with surrogateescape (undecodable bytes become lone surrogates), stdin as bytes:
+    # both are checked before the model is loaded, so a bad byte costs no load time and shows no traceback.
+    if args.prompt is not None:
+        prompt = check_text(args.prompt, "prompt (command-line argument)")
+    elif hasattr(sys.stdin, "buffer"):
+        prompt = decode_text(sys.stdin.buffer.read(), "prompt (standard input)")
+    else:  # a text stream put in place of stdin (an embedding program, a test)
+        prompt = check_text(sys.stdin.read(), "prompt (standard input)")
+    system = check_text(args.system, "--system") if args.system else None
     params = sampling_params(args)
+    engine = engine_from_args(args)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": system}] if system else []
         ids = engine.chat_prompt(messages + [{"role": "user", "content": prompt}])
     else:
         ids = engine.encode(prompt)
@@ -132,12 +139,23 @@ def _out(text: str) -> None:
     sys.stdout.flush()
 
 
+def _tolerant_stdin() -> None:
+    """Decode stdin with surrogateescape, so a line with undecodable bytes arrives (and is refused by
+    ``check_text`` with its position) instead of raising inside ``input()``, which loses the line and, for a
+    pipe, whatever else was in the same read."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    session = ChatSession(load_engine(args), sampling_params(args), args.system)
+    system = check_text(args.system, "--system") if args.system else None
+    session = ChatSession(engine_from_args(args), sampling_params(args), system)
+    _tolerant_stdin()
     print(f"mamba-moe chat: {args.checkpoint}\n{CHAT_HELP}")
     while True:
         try:
@@ -147,6 +165,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         except KeyboardInterrupt:
             print()
+            continue
+        try:
+            line = check_text(line, "input")
+        except InvalidTextError as err:
+            print(f"error: {err}; line skipped")
             continue
         text = line.strip()
         if not text:
@@ -177,9 +200,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 # ---- serve ---------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .serving.openai_api import Limits
+    from .serving.server import serve
 
-    return serve(args)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
+                    max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
+                    request_timeout_s=args.request_timeout or None)
+    engine = engine_from_args(args)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    return serve(engine, args.host, args.port, limits, model_name=name, max_batch=args.max_batch,
+                 max_queue=args.max_queue)
 
 
 def register(subparsers: Any) -> None:
@@ -199,14 +229,27 @@ def register(subparsers: Any) -> None:
     add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
 
+    from .serving.openai_api import Limits
+
+    default = Limits()
     srv = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server for a checkpoint")
     add_model_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     srv.add_argument("--model-name", help="model id reported by /v1/models (default: the directory name)")
-    srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
-    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most before 503")
-    srv.add_argument("--max-prompt-tokens", type=int, default=None,
-                     help="longest prompt accepted (default: the model's context minus one)")
-    srv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    srv.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together at most")
+    srv.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting at most before 503")
+    limits = srv.add_argument_group("limits (see docs/inference.md)")
+    limits.add_argument("--max-body-bytes", type=positive_int, default=default.max_body_bytes,
+                        help=f"largest request body; larger ones get 413 unread (default {default.max_body_bytes})")
+    limits.add_argument("--max-messages", type=positive_int, default=default.max_messages,
+                        help=f"most messages in a chat request (default {default.max_messages})")
+    limits.add_argument("--max-prompt-tokens", type=positive_int, default=None,
+                        help="longest prompt accepted (default: the model's context minus one)")
+    limits.add_argument("--max-tokens-limit", type=positive_int, default=default.max_tokens_limit,
+                        help=f"largest max_tokens a request may ask (default {default.max_tokens_limit})")
+    limits.add_argument("--request-timeout", type=non_negative_float,
+                        default=default.request_timeout_s,
+                        help=f"seconds a request may take, queueing included; 0 = no limit "
+                             f"(default {default.request_timeout_s:g})")
     srv.set_defaults(func=cmd_serve)

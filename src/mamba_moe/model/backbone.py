@@ -12,7 +12,7 @@ from ..config import MambaMoEConfig
 from ..ops.rope import rope_cos_sin, rope_inv_freq
 from ..ops.ssd import check_seq_idx
 from .block import HybridBlock, LayerInputs
-from .cache import HybridCache
+from .cache import HybridCache, KeyValueStore, MambaState
 from .ffn import RouterStats
 from .init import init_weights
 from .norms import RMSNorm
@@ -68,9 +68,7 @@ class MambaMoEBackbone(nn.Module):
         device = hidden.device
         past = 0 if cache is None else cache.seen_tokens
         real = torch.ones(b, l, dtype=torch.bool, device=device) if mask is None else mask
-        key_valid = real if cache is None else torch.cat([cache.key_mask, real], dim=1)
-        if cache is not None:
-            cache.key_mask = key_valid
+        key_valid = real if cache is None else cache.extend_key_mask(real)
         if not self.has_attention:
             return LayerInputs(mask, None, None, None, seq_idx=seq_idx)
 
@@ -98,7 +96,8 @@ class MambaMoEBackbone(nn.Module):
         return LayerInputs(mask, cos, sin, attn_mask, seq_idx=seq_idx)
 
     def run(self, hidden: Tensor, mask: Tensor | None = None, cache: HybridCache | None = None,
-            expert_targets: Tensor | None = None, seq_idx: Tensor | None = None) -> BackboneOutput:
+            expert_targets: Tensor | None = None, seq_idx: Tensor | None = None,
+            router_stats: bool = True) -> BackboneOutput:
         """The full forward: hidden states, the summed weighted router losses and per-layer stats.
 
         ``expert_targets`` (b, l) long, -1 = none: a preferred expert per token for domain-guided routing.
@@ -119,6 +118,7 @@ class MambaMoEBackbone(nn.Module):
                 raise ValueError("seq_idx: packed documents are for training/full forwards, not with a cache")
             check_seq_idx(seq_idx, b, l)
         inputs = self._layer_inputs(hidden, mask, cache, seq_idx)
+        inputs.router_stats = router_stats
         if expert_targets is not None:
             if expert_targets.shape != (b, l) or expert_targets.is_floating_point():
                 raise ValueError(f"expert_targets: expected a ({b}, {l}) integer tensor, got "
@@ -141,6 +141,22 @@ class MambaMoEBackbone(nn.Module):
         if mask is not None:
             hidden = hidden * mask[..., None].to(hidden.dtype)
         return BackboneOutput(hidden, aux, stats)
+
+    def step(self, hidden: Tensor, positions: Tensor, key_valid: Tensor | None,
+             states: list[MambaState | KeyValueStore]) -> Tensor:
+        """One decode token per row: hidden (b, 1, d_model) at ``positions`` (b,) -> final-normed (b, 1, d_model).
+
+        ``key_valid`` (b, t): the keys each row may attend to, the new one included (None without attention);
+        ``states``: one per layer, advanced in place. The model's decode step (``MambaMoEForCausalLM.step``);
+        equal to ``run`` on the same token with a cache, without padding handling or router statistics.
+        """
+        cos = sin = attn_mask = None
+        if self.has_attention:
+            cos, sin = rope_cos_sin(positions[:, None], self.rope_inv_freq, self.rope_attention_factor, hidden.dtype)
+            attn_mask = key_valid[:, None, None, :]
+        for layer, state in zip(self.layers, states, strict=True):
+            hidden = layer.step(hidden, state, cos, sin, attn_mask)
+        return self.final_norm(hidden)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Seed 004's call: x (batch, seq, dim), optional bool mask (True = real) -> (batch, seq, dim).

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..config import MambaMoEConfig
 from .attention import Attention
-from .cache import KVState, MambaState
+from .cache import KeyValueStore, KVState, MambaState
 from .ffn import FeedForward, MoEFeedForward, RouterStats
 from .mamba2 import Mamba2Mixer
 from .norms import RMSNorm
@@ -24,6 +24,7 @@ class LayerInputs:
     attn_mask: Tensor | None     # (b, 1, l, t) bool; None = plain causal over this chunk alone
     expert_targets: Tensor | None = None  # (b, l) long preferred expert per token, -1 = none (training only)
     seq_idx: Tensor | None = None         # (b, l) document index of packed rows; None = one document per row
+    router_stats: bool = True             # False (inference): MoE layers skip their losses and statistics
 
 
 class HybridBlock(nn.Module):
@@ -50,8 +51,26 @@ class HybridBlock(nn.Module):
             hidden = hidden + self.mixer(x, inputs.cos, inputs.sin, inputs.attn_mask, state)
         aux, stats = None, None
         if self.ffn_kind == "moe":
-            out, aux, stats = self.ffn(self.ffn_norm(hidden), inputs.mask, inputs.expert_targets)
+            out, aux, stats = self.ffn(self.ffn_norm(hidden), inputs.mask, inputs.expert_targets, inputs.router_stats)
             hidden = hidden + out
         elif self.ffn_kind == "dense":
             hidden = hidden + self.ffn(self.ffn_norm(hidden))
         return hidden, aux, stats
+
+    def step(self, hidden: Tensor, state: MambaState | KeyValueStore, cos: Tensor | None, sin: Tensor | None,
+             attn_mask: Tensor | None) -> Tensor:
+        """One decode token per row: hidden (b, 1, d) -> (b, 1, d); ``state`` advanced by it.
+
+        Attention layers take the RoPE tables (b, 1, head_dim) of the token's position and ``attn_mask``
+        (b, 1, 1, t), the keys the row may see (the new one included). No router losses or statistics.
+        """
+        x = self.mixer_norm(hidden)
+        if self.mixer_kind == "mamba":
+            hidden = hidden + self.mixer.step(x, state)
+        else:
+            hidden = hidden + self.mixer(x, cos, sin, attn_mask, state)
+        if self.ffn_kind == "moe":
+            hidden = hidden + self.ffn.step(self.ffn_norm(hidden))
+        elif self.ffn_kind == "dense":
+            hidden = hidden + self.ffn(self.ffn_norm(hidden))
+        return hidden

@@ -34,3 +34,16 @@ class TokenEmbedding(nn.Module):
     def full_table(self) -> Tensor:
         """The vocab x d_model matrix this embedding computes (what the exporter writes)."""
         return self.weight @ self.proj.weight.T if self.proj is not None else self.weight
+
+    def linear_head(self) -> nn.Module:
+        """The tied output head as ``nn.Linear`` layers over these weights (shared, not copied): what weight
+        transforms such as int8 quantization take. Computes exactly ``logits``."""
+        vocab, width = self.weight.shape
+        table = nn.Linear(width, vocab, bias=False, device=self.weight.device, dtype=self.weight.dtype)
+        table.weight = nn.Parameter(self.weight.detach(), requires_grad=False)
+        if self.proj is None:
+            return table
+        down = nn.Linear(self.proj.out_features, self.rank, bias=False, device=self.weight.device,
+                         dtype=self.weight.dtype)
+        down.weight = nn.Parameter(self.proj.weight.detach().t(), requires_grad=False)  # d_model -> rank
+        return nn.Sequential(down, table)

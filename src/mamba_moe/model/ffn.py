@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MambaMoEConfig
-from ..ops.moe import domain_routing_loss, load_balancing_loss, route, router_z_loss
-from ..ops.moe_dispatch import soft_moe, sorted_moe
+from ..ops.dtypes import cast
+from ..ops.moe import Routing, domain_routing_loss, load_balancing_loss, route, router_z_loss
+from ..ops.moe_dispatch import mix_packed, pack_experts, soft_moe, sorted_moe
 
 # Below this many tokens an inference call runs the soft mixture expert by expert (see mix_soft).
 SOFT_WIDE_MIN_TOKENS = 256
@@ -104,6 +105,38 @@ class ExpertBank(nn.Module):
         return torch.einsum("nef,edf->ned", h, self.down_proj)
 
 
+class PackedExperts(nn.Module):
+    """An MoE layer's routed experts and shared expert packed into the two matrices of the wide MLP (inference).
+
+    A weight transform of an :class:`ExpertBank` (+ shared :class:`FeedForward`): ``first`` holds every
+    expert's [gate | up] rows, ``down`` every down projection side by side, and ``mix`` is
+    ``ops.moe_dispatch.mix_packed``, the product the soft router's training path computes, here with the
+    matrices built once. Any routing weights go through it, top-k and Switch included (zeros for the
+    unchosen experts): a decode step then has no data-dependent shapes and no host sync (CUDA graphs
+    capture it). The two matrices are ``nn.Linear`` layers, so an int8 transform (``dynamic_int8``) applies
+    to them like to any other linear layer. Built from the weights as they are: rebuild after changing them.
+    """
+
+    def __init__(self, bank: ExpertBank, shared: FeedForward | None) -> None:
+        super().__init__()
+        self.activation = bank.activation
+        self.num_experts, self.hidden, d_model = bank.up_proj.shape
+        swiglu = self.activation == "swiglu"
+        with torch.no_grad():
+            first, down = pack_experts(
+                bank.gate_proj if swiglu else None, bank.up_proj, bank.down_proj,
+                shared.gate_proj.weight if shared is not None and swiglu else None,
+                None if shared is None else shared.up_proj.weight, None if shared is None else shared.down_proj.weight)
+        self.first = nn.Linear(d_model, first.shape[0], bias=False, device=first.device, dtype=first.dtype)
+        self.down = nn.Linear(down.shape[1], d_model, bias=False, device=down.device, dtype=down.dtype)
+        self.first.weight.data, self.down.weight.data = first.contiguous(), down.contiguous()
+        self.requires_grad_(False)
+
+    def mix(self, x: Tensor, weights: Tensor) -> Tensor:
+        """sum_e weights[:, e] * expert_e(x) + shared(x) for tokens x (n, d_model) and weights (n, E)."""
+        return mix_packed(x, weights, self.first, self.down, self.hidden, self.activation == "swiglu")
+
+
 @dataclass
 class RouterStats:
     """Per-layer routing facts: tokens per expert (after capacity) and tokens dropped, for logging; and the
@@ -134,30 +167,59 @@ class MoEFeedForward(nn.Module):
         self.shared_expert = (FeedForward(config.d_model, config.moe_shared_expert_hidden_size, config.ffn_activation)
                               if config.moe_shared_expert_hidden_size else None)
 
-    def forward(self, hidden: Tensor, mask: Tensor | None = None,
-                expert_targets: Tensor | None = None) -> tuple[Tensor, Tensor, RouterStats]:
+    def pack(self) -> None:
+        """Inference only: replace the expert bank and the shared expert by one :class:`PackedExperts`.
+
+        Outputs stay the same (same products, packed); the layer can no longer be trained or saved in the
+        checkpoint layout, so apply this to a copy (``inference.decoders.fast_decode`` does).
+        """
+        if not isinstance(self.experts, PackedExperts):
+            self.experts = PackedExperts(self.experts, self.shared_expert)
+            self.shared_expert = None
+
+    def _route(self, tokens: Tensor, valid: Tensor | None, stats: bool = True) -> tuple[Tensor, Routing]:
+        """Router logits (in >= fp32) and the routing of ``tokens`` (n, d)."""
+        router_dtype = torch.promote_types(tokens.dtype, torch.float32)  # route in >= fp32
+        logits = F.linear(cast(tokens, router_dtype), cast(self.router.weight, router_dtype))
+        return logits, route(logits, self.router_kind, self.top_k, valid, self.capacity_factor, self.min_capacity,
+                             stats)
+
+    def _dispatch(self, tokens: Tensor, weights: Tensor) -> Tensor:
+        """The routed experts (+ the shared expert) applied to tokens (n, d) with mixing weights (n, E)."""
+        if isinstance(self.experts, PackedExperts):
+            return self.experts.mix(tokens, weights)
+        # No loop over experts. References: all_experts (soft) and mix_sparse (top-k / Switch).
+        if self.router_kind == "soft":
+            return self.experts.mix_soft(tokens, weights, self.shared_expert)
+        out = (self.experts.mix_grouped(tokens, weights, self.top_k) if tokens.is_cuda
+               else self.experts.mix_sparse(tokens, weights))
+        return out if self.shared_expert is None else out + self.shared_expert(tokens)
+
+    def step(self, hidden: Tensor) -> Tensor:
+        """Inference on (..., d) tokens, none of them padding: the output alone, no losses or statistics.
+
+        Switch capacity counts the tokens of this call, as ``forward`` does for a one-position chunk.
+        """
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        _, routing = self._route(tokens, None, stats=False)
+        return self._dispatch(tokens, routing.weights).view(hidden.shape)
+
+    def forward(self, hidden: Tensor, mask: Tensor | None = None, expert_targets: Tensor | None = None,
+                router_stats: bool = True) -> tuple[Tensor, Tensor | None, RouterStats | None]:
         """hidden (b, l, d) -> (output, weighted aux loss, stats). Padding (mask False) is not routed.
 
         ``expert_targets`` (b, l), -1 = none: the domain-guided routing loss is the router's cross-entropy
         toward each token's preferred expert (a nudge: the router stays free to choose otherwise).
+        ``router_stats=False`` (inference): the auxiliary losses and statistics are not computed (None, None).
         """
         b, l, d = hidden.shape
         # Position-major token order, so Switch capacity is granted to earlier positions first.
         tokens = hidden.transpose(0, 1).reshape(l * b, d)
         valid = None if mask is None else mask.transpose(0, 1).reshape(l * b)
-        router_dtype = torch.promote_types(tokens.dtype, torch.float32)  # route in >= fp32
-        logits = F.linear(tokens.to(router_dtype), self.router.weight.to(router_dtype))
-        routing = route(logits, self.router_kind, self.top_k, valid, self.capacity_factor, self.min_capacity)
-
-        # Dispatch: no loop over experts. References: all_experts (soft) and mix_sparse (top-k / Switch).
-        if self.router_kind == "soft":
-            out = self.experts.mix_soft(tokens, routing.weights, self.shared_expert)
-        else:
-            out = (self.experts.mix_grouped(tokens, routing.weights, self.top_k) if tokens.is_cuda
-                   else self.experts.mix_sparse(tokens, routing.weights))
-            if self.shared_expert is not None:
-                out = out + self.shared_expert(tokens)
-        out = out.view(l, b, d).transpose(0, 1)
+        logits, routing = self._route(tokens, valid, router_stats)
+        out = self._dispatch(tokens, routing.weights).view(l, b, d).transpose(0, 1)
+        if not router_stats:
+            return out, None, None
 
         balance = load_balancing_loss(logits, routing.assigned, valid)
         z = router_z_loss(logits, valid)

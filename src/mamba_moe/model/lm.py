@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..atomic import atomic_file
 from ..config import MambaMoEConfig
 from ..ops.cross_entropy import IGNORE_INDEX, lm_cross_entropy
 from .backbone import MambaMoEBackbone, check_mask
-from .cache import HybridCache
+from .cache import HybridCache, KeyValueStore, MambaState
 from .embedding import TokenEmbedding
 from .ffn import RouterStats
 from .init import init_weights
@@ -58,7 +59,8 @@ class MambaMoEForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                 cache: HybridCache | None = None, targets: Tensor | None = None,
                 expert_targets: Tensor | None = None, return_logits: bool = True,
-                document_ids: Tensor | None = None) -> CausalLMOutput:
+                document_ids: Tensor | None = None, logits_to_keep: int = 0,
+                router_stats: bool = True) -> CausalLMOutput:
         """Logits for every position, and the LM loss when ``labels`` or ``targets`` are given.
 
         - ``labels`` (b, l): HF convention, shifted inside (position t predicts labels[t + 1]); -100 ignored.
@@ -71,6 +73,9 @@ class MambaMoEForCausalLM(nn.Module):
         - ``document_ids`` (b, l) integer, non-decreasing along each row: packed documents, each computed
           exactly as if it were alone in its row (no attention, conv or state across a boundary;
           positions restart). Targets across a boundary are the caller's to mask.
+        - ``logits_to_keep`` n > 0: logits of the last n positions only (b, n, V) (HF's convention; 0 = all):
+          a prefill needs the last one, and the head over a whole prompt is the largest product of the call.
+        - ``router_stats=False``: no router losses or statistics (inference; ``aux_loss`` is 0).
         """
         self._check_ids(input_ids)
         b, l = input_ids.shape
@@ -87,17 +92,22 @@ class MambaMoEForCausalLM(nn.Module):
             if int(expert_targets.min()) < -1 or int(expert_targets.max()) >= n:
                 raise ValueError(f"expert_targets: values must be -1 (none) or an expert index in [0, {n}), got "
                                  f"[{int(expert_targets.min())}, {int(expert_targets.max())}]")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep: expected an integer >= 0 (0 = all positions), got {logits_to_keep!r}")
+        if logits_to_keep and (labels is not None or targets is not None):
+            raise ValueError("logits_to_keep: the loss needs the logits of every position; give one or the other")
         if not return_logits and labels is None and targets is None:
             raise ValueError("return_logits=False needs labels or targets (there would be nothing to return)")
         out = self.backbone.run(self.embed(input_ids), attention_mask, cache, expert_targets=expert_targets,
-                                seq_idx=document_ids)
+                                seq_idx=document_ids, router_stats=router_stats)
         if labels is not None:  # to the aligned form: position t predicts labels[t + 1]; padding is no target
             if attention_mask is not None:
                 labels = labels.masked_fill(~attention_mask, IGNORE_INDEX)
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         if targets is not None and attention_mask is not None:  # a padded position predicts nothing
             targets = targets.masked_fill(~attention_mask, IGNORE_INDEX)
-        logits = self.head(out.hidden) if return_logits else None
+        hidden = out.hidden[:, -logits_to_keep:] if logits_to_keep else out.hidden
+        logits = self.head(hidden) if return_logits else None
         loss = None
         if targets is not None:
             if logits is not None:
@@ -106,6 +116,33 @@ class MambaMoEForCausalLM(nn.Module):
             else:
                 loss = lm_cross_entropy(out.hidden.flatten(0, 1), self.head, targets.flatten())
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, router_stats=out.router_stats)
+
+    # ---- decoding -------------------------------------------------------------------------------
+    def step(self, input_ids: Tensor, positions: Tensor, key_valid: Tensor | None,
+             states: list[MambaState | KeyValueStore]) -> Tensor:
+        """The decode step on explicit state: input_ids (b, 1) at ``positions`` (b,) -> logits (b, V).
+
+        ``key_valid`` (b, t) marks the keys each row may see, the new one included (None without attention);
+        ``states`` per layer are advanced in place. No checks and no host sync, so it can be captured in a
+        CUDA graph (``inference.decoders.cuda_graphs``); ``decode`` is the same step on a ``HybridCache``.
+        """
+        hidden = self.backbone.step(self.embed(input_ids), positions, key_valid, states)
+        return self.head(hidden[:, -1])
+
+    def decode(self, input_ids: Tensor, cache: HybridCache) -> Tensor:
+        """One token per row on ``cache`` (advanced in place): input_ids (b, 1) -> logits (b, V).
+
+        Equals ``self(input_ids, cache=cache).logits[:, -1]`` (the tests compare them in float64) with
+        fewer operations: no router statistics, the key mask written into its preallocated buffer.
+        """
+        if not isinstance(input_ids, Tensor) or input_ids.shape != (cache.batch_size, 1):
+            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected ({cache.batch_size}, 1) for this cache, got {got}")
+        key_valid = cache.extend_key_mask()  # kept even without attention: the cache counts its tokens
+        logits = self.step(input_ids, cache.positions, key_valid if self.backbone.has_attention else None,
+                           cache.layers)
+        cache.positions = cache.positions + 1
+        return logits
 
     def head(self, hidden: Tensor) -> Tensor:
         """The output head: hidden (..., d_model) -> logits (..., vocab)."""
@@ -132,9 +169,8 @@ class MambaMoEForCausalLM(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / WEIGHTS_NAME)
+        with atomic_file(path / WEIGHTS_NAME) as tmp:  # fsync'ed before the rename
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         self.config.save(path / CONFIG_NAME)
 
     @classmethod

@@ -6,10 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _norm_dtype(x: Tensor) -> torch.dtype:
-    """Normalise in at least float32 (bf16 sums of squares are too coarse), float64 if given."""
-    return torch.promote_types(x.dtype, torch.float32)
+from ..ops.dtypes import cast, compute_dtype
 
 
 class RMSNorm(nn.Module):
@@ -19,10 +16,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = _norm_dtype(x)
-        x32 = x.to(dtype)
+        dtype = compute_dtype(x)
+        x32 = cast(x, dtype)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.to(dtype)).to(x.dtype)
+        return cast(x32 * cast(self.weight, dtype), x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -40,9 +37,9 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        dtype = _norm_dtype(x)
-        x32 = x.to(dtype) * F.silu(z.to(dtype))
+        dtype = compute_dtype(x)
+        x32 = cast(x, dtype) * F.silu(cast(z, dtype))
         shape = x32.shape
         x32 = x32.view(*shape[:-1], self.groups, shape[-1] // self.groups)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32.view(shape) * self.weight.to(dtype)).to(x.dtype)
+        return cast(x32.view(shape) * cast(self.weight, dtype), x.dtype)

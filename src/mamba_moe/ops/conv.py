@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dtypes import cast
+
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
                   initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -65,10 +67,10 @@ def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor,
     ``inplace``: write the new state into ``state`` (and return it), so its storage never changes
     (decode without fresh state tensors; CUDA graphs need static buffers). Same values either way.
     """
-    window = torch.cat([state.to(x.dtype), x[..., None]], dim=-1)                     # (b, c, K)
-    y = (window * weight.to(x.dtype)).sum(-1)
+    window = torch.cat([cast(state, x.dtype), x[..., None]], dim=-1)                  # (b, c, K)
+    y = (window * cast(weight, x.dtype)).sum(-1)
     if bias is not None:
-        y = y + bias.to(x.dtype)
+        y = y + cast(bias, x.dtype)
     if inplace:
         return y, state.copy_(window[..., 1:])
     return y, window[..., 1:]

@@ -25,8 +25,8 @@ class Routing:
     """
 
     weights: Tensor
-    assigned: Tensor
-    dropped: Tensor
+    assigned: Tensor | None    # None when routed without statistics (inference)
+    dropped: Tensor | None
 
 
 def switch_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
@@ -44,41 +44,52 @@ def _switch_capacity_tensor(valid: Tensor, num_experts: int, capacity_factor: fl
 
 
 def route(logits: Tensor, router: str, top_k: int, valid: Tensor | None = None,
-          capacity_factor: float = 1.0, min_capacity: int = 0) -> Routing:
+          capacity_factor: float = 1.0, min_capacity: int = 0, stats: bool = True) -> Routing:
     """Turn router logits (N, E) into mixing weights, with tokens ordered as capacity should see them.
 
     - ``soft``: every expert, weighted by softmax(logits).
     - ``topk``: the k largest softmax probabilities, renormalised to sum to 1 (dropless).
     - ``switch``: the top-1 expert weighted by its raw probability; tokens past an expert's capacity
       are dropped (weight 0, so only the residual carries them).
+
+    ``valid`` (N,) bool, False = padding (routed nowhere; None = every token is real). ``stats=False``
+    (inference): only ``weights`` is computed, ``assigned`` and ``dropped`` are None; a decode step runs
+    this for every MoE layer, so each operation saved counts.
     """
     N, E = logits.shape
-    valid = torch.ones(N, dtype=torch.bool, device=logits.device) if valid is None else valid
     probs = torch.softmax(logits, dim=-1)
+    assigned = dropped = None
     if router == "soft":
         weights = probs
-        top1 = probs.argmax(-1)
-        assigned = F.one_hot(top1, E).bool()
-        dropped = torch.zeros(N, dtype=torch.bool, device=logits.device)
+        if stats:
+            assigned = F.one_hot(probs.argmax(-1), E).bool()
+            dropped = torch.zeros(N, dtype=torch.bool, device=logits.device)
     elif router == "topk":
         top_p, top_i = probs.topk(top_k, dim=-1)
-        top_p = top_p / top_p.sum(-1, keepdim=True)
-        weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)
-        assigned = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_i, True)
-        dropped = torch.zeros(N, dtype=torch.bool, device=logits.device)
+        weights = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        if stats:
+            assigned = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_i, True)
+            dropped = torch.zeros(N, dtype=torch.bool, device=logits.device)
     elif router == "switch":
         top_p, top_i = probs.max(dim=-1)
-        assigned = F.one_hot(top_i, E).bool() & valid[:, None]
-        capacity = _switch_capacity_tensor(valid, E, capacity_factor, min_capacity)
-        rank = torch.cumsum(assigned.long(), dim=0) - 1                                # place in the queue
-        kept = assigned & (rank < capacity)
+        chosen = F.one_hot(top_i, E).bool()
+        if valid is None:  # every token counts: the capacity is known on the host, no device reduction
+            capacity: int | Tensor = switch_capacity(N, E, capacity_factor, min_capacity)
+        else:
+            chosen = chosen & valid[:, None]
+            capacity = _switch_capacity_tensor(valid, E, capacity_factor, min_capacity)
+        rank = torch.cumsum(chosen.long(), dim=0) - 1                                  # place in the queue
+        kept = chosen & (rank < capacity)
         weights = kept.to(top_p.dtype) * top_p[:, None]
-        dropped = valid & ~kept.any(-1)
+        if stats:
+            assigned, dropped = chosen, ~kept.any(-1)
     else:
         raise ValueError(f"router: unknown router {router!r}; expected soft, topk or switch")
-    weights = weights * valid[:, None]
-    assigned = assigned & valid[:, None]
-    return Routing(weights=weights, assigned=assigned, dropped=dropped & valid)
+    if valid is not None:
+        weights = weights * valid[:, None]
+        if stats:
+            assigned, dropped = assigned & valid[:, None], dropped & valid
+    return Routing(weights=weights, assigned=assigned, dropped=dropped)
 
 
 def load_balancing_loss(logits: Tensor, assigned: Tensor, valid: Tensor | None = None) -> Tensor:

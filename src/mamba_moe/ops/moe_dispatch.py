@@ -11,7 +11,10 @@ which the tests compare against in float64 on the CPU and in fp32 / bf16 on CUDA
   routing weight (1 for the shared expert), and one down GEMM over (d, E h + h_s) mixes them:
   sum_e w_e down_e(a_e) = down_all (w ∘ a). Two GEMMs instead of einsums over (n, E, d). The wide
   matrices are built from the stored per-expert parameters on every call (a copy of the FFN's weights,
-  small next to the activations of a training batch), so the state dict keeps its layout.
+  small next to the activations of a training batch), so the state dict keeps its layout. Inference
+  packs them once instead (``pack_experts``; ``model.ffn.PackedExperts``) and calls ``mix_packed``, the
+  same product; top-k and Switch routing weights go through it too (zero for the unchosen experts),
+  which makes a decode step free of data-dependent shapes.
 - ``sorted_moe``: top-k / Switch. Token-expert pairs are sorted by expert (a stable sort, so the
   order inside an expert is the token order), the tokens gathered into one (N k, d) matrix, and each
   expert's rows multiplied by its weights with a grouped GEMM (``torch._grouped_mm``), or with a loop
@@ -24,9 +27,66 @@ which the tests compare against in float64 on the CPU and in fp32 / bf16 on CUDA
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def pack_experts(gate: Tensor | None, up: Tensor, down: Tensor, shared_gate: Tensor | None = None,
+                 shared_up: Tensor | None = None, shared_down: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The two matrices of the wide MLP: ``first`` ([gate_all; up_all], or up_all without a gate) and ``down_all``.
+
+    gate / up (E, h, d); down (E, d, h); shared_gate / shared_up (h_s, d) and shared_down (d, h_s) in nn.Linear
+    layout, or None for no shared expert. ``first`` is (2 (E h + h_s), d) (SwiGLU) or (E h + h_s, d);
+    ``down_all`` is (d, E h + h_s). Hidden units are grouped by expert, the shared expert's last.
+    """
+    E, h, d = up.shape
+    up_all = up.reshape(E * h, d)
+    down_all = down.permute(1, 0, 2).reshape(down.shape[1], E * h)
+    if shared_up is not None:
+        up_all = torch.cat([up_all, shared_up])
+        down_all = torch.cat([down_all, shared_down], dim=1)
+    if gate is None:
+        return up_all, down_all
+    gate_all = gate.reshape(E * h, d)
+    if shared_up is not None:
+        gate_all = torch.cat([gate_all, shared_gate])
+    return torch.cat([gate_all, up_all]), down_all
+
+
+def mix_packed(x: Tensor, weights: Tensor, first: Tensor | Callable[[Tensor], Tensor],
+               down: Tensor | Callable[[Tensor], Tensor], hidden: int, swiglu: bool) -> Tensor:
+    """sum_e weights[:, e] * expert_e(x) (+ shared(x)) through the matrices of :func:`pack_experts`.
+
+    x (n, d); weights (n, E); ``first`` / ``down`` are the packed matrices or layers that apply them
+    (``x -> x W^T``: an int8 linear, for instance); ``hidden``: each routed expert's hidden size. Hidden
+    units past E * hidden belong to the shared expert (weight 1).
+    """
+    n = x.shape[0]
+    E = weights.shape[1]
+    h = first(x) if callable(first) else F.linear(x, first)
+    if swiglu:
+        gate_out, up_out = h.chunk(2, dim=-1)
+        act = F.silu(gate_out) * up_out
+    else:
+        act = F.gelu(h)
+    routed_width = E * hidden
+    if act.shape[1] < routed_width:
+        raise ValueError(f"weights: {E} experts of {hidden} hidden units need {routed_width} packed hidden units, "
+                         f"the matrices have {act.shape[1]}")
+    if torch.is_grad_enabled():
+        # Each expert's slice of the hidden layer times its routing weight; the shared expert's slice as is.
+        # (A per-column gather of the weights instead would make the backward an index_put with atomics onto
+        # E + 1 columns per row: measured 83 ms per layer at 16k tokens on an H100.)
+        routed = (act[:, :routed_width].view(n, E, hidden) * weights.to(act.dtype)[:, :, None]).view(n, routed_width)
+        if act.shape[1] > routed_width:
+            routed = torch.cat([routed, act[:, routed_width:]], dim=1)
+    else:  # inference: scale the routed slice in place, no copy of the hidden layer (decode's hot path)
+        act[:, :routed_width].view(n, E, hidden).mul_(weights.to(act.dtype)[:, :, None])
+        routed = act
+    return down(routed) if callable(down) else F.linear(routed, down)
 
 
 def soft_moe(x: Tensor, weights: Tensor, gate: Tensor | None, up: Tensor, down: Tensor,
@@ -37,32 +97,12 @@ def soft_moe(x: Tensor, weights: Tensor, gate: Tensor | None, up: Tensor, down: 
     x (n, d); weights (n, E); gate / up (E, h, d); down (E, d, h); shared_gate / shared_up (h_s, d) and
     shared_down (d, h_s) in nn.Linear layout, or None for no shared expert.
     """
-    n, d = x.shape
+    n = x.shape[0]
     E, h, _ = up.shape
     if weights.shape != (n, E):
         raise ValueError(f"weights: expected ({n}, {E}), got {tuple(weights.shape)}")
-    has_shared = shared_up is not None
-
-    up_all = up.reshape(E * h, d)
-    down_all = down.permute(1, 0, 2).reshape(d, E * h)
-    if has_shared:
-        up_all = torch.cat([up_all, shared_up])
-        down_all = torch.cat([down_all, shared_down], dim=1)
-    if gate is not None:
-        gate_all = gate.reshape(E * h, d)
-        if has_shared:
-            gate_all = torch.cat([gate_all, shared_gate])
-        gate_out, up_out = F.linear(x, torch.cat([gate_all, up_all])).chunk(2, dim=-1)
-        act = F.silu(gate_out) * up_out
-    else:
-        act = F.gelu(F.linear(x, up_all))
-    # Each expert's slice of the hidden layer times its routing weight; the shared expert's slice as is.
-    # (A per-column gather of the weights instead would make the backward an index_put with atomics onto
-    # E + 1 columns per row: measured 83 ms per layer at 16k tokens on an H100.)
-    routed = (act[:, :E * h].view(n, E, h) * weights.to(act.dtype)[:, :, None]).view(n, E * h)
-    if has_shared:
-        routed = torch.cat([routed, act[:, E * h:]], dim=1)
-    return F.linear(routed, down_all)
+    first, down_all = pack_experts(gate, up, down, shared_gate, shared_up, shared_down)
+    return mix_packed(x, weights, first, down_all, h, gate is not None)
 
 
 # ---- top-k / Switch: sort by expert, grouped GEMM ----------------------------------------------------

@@ -9,7 +9,6 @@ positional context and recurrent state across chat boundaries). Both become a :c
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,15 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError
-from ..data import PackedDataset, PackedLoader, SFTDataset, SFTLoader, SourceConfig, load_tokenizer, prepare_stdlib
+from ..data import PackedDataset, PackedLoader, SFTDataset, SFTLoader, load_tokenizer, prepare_stdlib
 from ..data.config import DataError
+from ..data.sft import read_chats
 from ..data.shards import load_manifest
-from ..data.sources import SkipLog, iter_documents
+from ..data.sources import SkipLog
 from ..data.tokenizer import default_cache_dir, stdlib_tokenizer, tokenizer_hash
+from ..ops.cross_entropy import IGNORE_INDEX
 from .config import TrainConfig
 from .distributed import DistInfo, barrier
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -169,33 +168,27 @@ class TrainData:
     def _chat_setup(self) -> None:
         cfg, d = self.cfg, self.cfg.data
         paths = [d.path] if isinstance(d.path, str) else list(d.path)
-        source = SourceConfig(name="chat", kind="jsonl", domain="chat", paths=paths, messages_field=d.messages_field,
-                              max_docs=d.max_docs)
+        self.skips = SkipLog()  # read-level skips (bad JSON, missing field, ...) and encoding-level ones, reported
         try:
-            source.validate("data")
-            docs = list(iter_documents(source, SkipLog()))
+            train, val = read_chats(paths, self.skips, messages_field=d.messages_field, max_docs=d.max_docs,
+                                    seed=cfg.seed, val_fraction=d.val_fraction)
         except DataError as err:
             raise ConfigError(f"data.path: {err}") from err
-        train, val = [], []
-        for doc in docs:  # a keyed hash of the content: the split does not depend on order
-            digest = hashlib.blake2b(doc.key().encode(), key=cfg.seed.to_bytes(8, "little"), digest_size=8).digest()
-            (val if int.from_bytes(digest, "little") < d.val_fraction * 2**64 else train).append(doc)
-        self.skips = SkipLog()
         try:
             self.train_ds = SFTDataset(train, self.tokenizer, cfg.seq_len + 1, skips=self.skips, source="chat")
         except DataError as err:
             raise ConfigError(f"data.path: {paths}: {err}") from err
-        if self.skips.total:
-            self.log("chat data: " + "; ".join(self.skips.lines()))
         self.domains = ["chat"]
         self._loader = SFTLoader(self.train_ds, cfg.seq_len, cfg.batch_size * cfg.grad_accum, pack=d.pack,
                                  rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.seed)
         self.val_ds = None
         if val:
             try:
-                self.val_ds = SFTDataset(val, self.tokenizer, cfg.seq_len + 1, skips=SkipLog(), source="chat-val")
+                self.val_ds = SFTDataset(val, self.tokenizer, cfg.seq_len + 1, skips=self.skips, source="chat-val")
             except DataError:
                 self.val_ds = None
+        if self.skips.total or self.skips.notes:
+            self.log("chat data: " + "; ".join(self.skips.lines()))
         if self.val_ds is None:
             self.log("no validation chats (data.val_fraction too small for this data); validation skipped")
 

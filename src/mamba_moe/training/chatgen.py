@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from ..data.sources import stdlib_files
 
 Chat = dict[str, list[dict[str, str]]]
@@ -142,14 +143,9 @@ GENERATORS = {"explain": explain_chats, "reasoning": reasoning_chats, "recall": 
 
 
 def write_chats(records: list[Chat], path: str | os.PathLike) -> Path:
-    """Write JSONL atomically (a temp file beside ``path``, then renamed)."""
+    """Write JSONL atomically and durably (``atomic_write``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
     return path
 
 

@@ -7,8 +7,10 @@ Layout of ``<output>/checkpoints/step-000123/``::
     train_config.yaml                          the TrainConfig of the run
     trainer_state.pt                           optimizer, step, loader state, RNG states (python, numpy, torch)
 
-Each checkpoint is written into a hidden temp directory and renamed into place, so a crash or a full disk
-leaves the previous checkpoints untouched; only ``keep_last`` finished ones are kept.
+Each checkpoint is written into a hidden temp directory, fsync'ed file by file and renamed into place
+(``atomic_directory``), so a crash, a power loss or a full disk leaves the previous checkpoints untouched;
+only ``keep_last`` finished ones are kept. Whether a directory is a complete checkpoint is decided in one
+place, ``mamba_moe.checkpoint_dirs`` (also used by ``generate``/``chat``/``serve``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_directory
-from ..config import ConfigError
+from ..atomic import TMP_MARK, atomic_directory
+from ..checkpoint_dirs import STATE_NAME, STEP_DIR, WEIGHTS_NAME, CheckpointError, newest_complete, resolve_model_dir
+from ..validation import ConfigError
 
-STATE_NAME = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Keys every trainer_state.pt holds; a file without them was not written by a trainer.
+_STATE_KEYS = ("step", "optimizer", "loader", "rng")
 
 
 def rng_state() -> dict[str, Any]:
@@ -51,13 +54,13 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / STATE_NAME).exists()]
+             if (m := STEP_DIR.match(p.name)) and (p / STATE_NAME).exists()]
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+    """The newest checkpoint under ``root`` that is complete enough to resume from, or None."""
+    return newest_complete(root, resume=True, notify=None)
 
 
 def write_weights(path: str | Path, model_config: Any, weights: dict[str, Tensor]) -> None:
@@ -93,39 +96,60 @@ def save_checkpoint(root: str | Path, step: int, model: Any, tokenizer: Any, sta
         torch.save(state, tmp / STATE_NAME)
     for stale in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
-    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # from a run killed mid-write
-        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
+def remove_leftovers(root: str | Path) -> list[Path]:
+    """Delete the temporaries (``.tmp-step-*``, ``.old-step-*``) that runs killed mid-write left in ``root``.
+
+    Only safe while holding the output directory's lock (``run_lock``): then no live trainer can own them.
+    Saving never does this, so a save cannot delete another process's checkpoint in progress."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.name.startswith((f"{TMP_MARK}step-", ".old-step-")) and p.is_dir()]
+    for leftover in found:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return found
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint directory (our own file: full unpickling is intended)."""
-    return torch.load(Path(path) / STATE_NAME, map_location="cpu", weights_only=False)
+    """The trainer state of a checkpoint directory (our own file: full unpickling is intended); a damaged
+    file is a ``CheckpointError`` naming it."""
+    file = Path(path) / STATE_NAME
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; not a checkpoint to resume from") from None
+    except Exception as err:  # truncated zip, bad pickle, wrong format: all mean the same to the user
+        raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {err}); the file is damaged") from err
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+        raise CheckpointError(f"{file}: not a trainer state (expected the keys {', '.join(_STATE_KEYS)})")
+    return state
 
 
-def resolve_init_checkpoint(path: str | Path) -> Path:
+def load_weights(path: str | Path) -> dict[str, Tensor]:
+    """``model.safetensors`` of a checkpoint directory as plain-named CPU tensors; damage is named."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / WEIGHTS_NAME
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except Exception as err:  # safetensors raises its own error type for a bad header or short file
+        raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {err}); the file is damaged") from err
+
+
+def resolve_init_checkpoint(path: str | Path, log: Any = None) -> Path:
     """The checkpoint directory ``--checkpoint`` names: a checkpoint itself (``config.json`` +
-    ``model.safetensors``), or a run's output folder / its ``checkpoints/`` (then the newest one in it)."""
-    from ..model.lm import CONFIG_NAME, WEIGHTS_NAME
-
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"--checkpoint {path}: no such directory")
-    if not path.is_dir():
-        raise ConfigError(f"--checkpoint {path}: not a directory (give a checkpoint directory, e.g. "
-                          "runs/stage1/checkpoints/step-040000, or a run's output folder)")
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / CONFIG_NAME).exists() or (candidate / WEIGHTS_NAME).exists():
-            missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (candidate / n).exists()]
-            if missing:
-                raise ConfigError(f"--checkpoint {candidate}: missing {' and '.join(missing)}; not a complete "
-                                  "checkpoint")
-            return candidate
-        newest = latest_checkpoint(candidate)
-        if newest is not None:
-            return newest
-    raise ConfigError(f"--checkpoint {path}: not a checkpoint (no {CONFIG_NAME} + {WEIGHTS_NAME}) and no "
-                      "finished step-N checkpoint under it")
+    ``model.safetensors``), or a run's output folder / its ``checkpoints/`` (then the newest complete one
+    in it; damaged newer ones are reported through ``log``)."""
+    try:
+        return resolve_model_dir(path, notify=log)
+    except CheckpointError as err:
+        raise ConfigError(f"--checkpoint {err}") from err
 
 
 def plain_name(name: str) -> str:

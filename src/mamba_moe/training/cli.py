@@ -31,6 +31,7 @@ def register(subparsers: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .report import sample_text, unigram_entropy, unigram_entropy_of
+    from .run_lock import OutputInUse
     from .trainer import Trainer, TrainingDiverged
 
     cfg = TrainConfig.load(args.config, args.overrides)
@@ -39,7 +40,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     trainer = Trainer(cfg)
     print(f"preparing data ({cfg.data.source}) …", flush=True)
-    trainer.setup()
+    try:
+        trainer.setup()
+    except OutputInUse as err:
+        print(f"mamba-moe train: error: {err}", file=sys.stderr)
+        return 2
     model = trainer.model
     if trainer.dist.is_main:
         start_from = f"; weights from {trainer.init_dir}" if trainer.init_dir else ""
@@ -55,6 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"mamba-moe train: {err}", file=sys.stderr)
         return 1
+    except OutputInUse as err:
+        print(f"mamba-moe train: error: {err}", file=sys.stderr)
+        return 2
     finally:
         if trainer.dist.enabled:
             import torch.distributed as dist
@@ -78,11 +86,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result.checkpoint} (model + tokenizer + trainer state)")
     if result.quantized:
         print(f"QAT: quantized weights (convert_qat) in {result.quantized}")
-    print(f"sample ({cfg.sample_tokens} tokens, temperature 0.7, top-k 40):")
-    model = trainer.inference_model(result.checkpoint)
-    with torch.compiler.set_stance("force_eager"):  # decode shapes change every step: no recompiles for a sample
-        print(sample_text(model, trainer.tokenizer, cfg.sample_prompt, cfg.sample_tokens, trainer.device,
-                          seed=cfg.seed))
+    if cfg.sample_tokens:
+        print(f"sample ({cfg.sample_tokens} tokens, temperature 0.7, top-k 40):")
+        model = trainer.inference_model(result.checkpoint)
+        with torch.compiler.set_stance("force_eager"):  # decode shapes change every step: no recompiles
+            print(sample_text(model, trainer.tokenizer, cfg.sample_prompt, cfg.sample_tokens, trainer.device,
+                              seed=cfg.seed))
     print(f"wall time {time.perf_counter() - start:.0f}s; {result.tokens_per_s:.0f} train tokens/s", flush=True)
     return 0
 

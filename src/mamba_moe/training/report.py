@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +43,22 @@ def unigram_entropy_of(arrays: list[np.ndarray]) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-@torch.no_grad()
 def sample_text(model: Any, tokenizer: Any, prompt: str, n_tokens: int, device: torch.device,
                 temperature: float = 0.7, top_k: int = 40, seed: int = 0) -> str:
-    """Decode ``n_tokens`` lightly sampled tokens after ``prompt`` (seeded, so a run prints the same text)."""
+    """``prompt`` and up to ``n_tokens`` lightly sampled tokens after it, decoded by the inference engine
+    (seeded, so a run prints the same text). The prompt is the run's own config text: it is tokenized as
+    training text is, so chat markers in it (stage configs prompt with ``<|im_start|>assistant``) count.
+    The engine runs on the model's device; ``device`` is kept for callers that pass it."""
+    from ..inference import Engine, SamplingParams
+    from .engine_runs import complete
+
+    if n_tokens < 1:
+        return prompt
     was_training = model.training
-    model.eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-    stop = {tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")}  # end of text / end of a chat turn
-    cache = model.new_cache(1, device=device)
-    logits = model(ids, cache=cache).logits[:, -1]
-    out = []
-    for _ in range(n_tokens):
-        scaled = logits.float().cpu() / temperature
-        kth = scaled.topk(min(top_k, scaled.shape[-1])).values[:, -1:]
-        probs = torch.softmax(scaled.masked_fill(scaled < kth, -math.inf), -1)
-        token = torch.multinomial(probs, 1, generator=gen)
-        if int(token) in stop:
-            break
-        out.append(int(token))
-        logits = model(token.to(device), cache=cache).logits[:, -1]
-    model.train(was_training)
-    return prompt + tokenizer.decode(out)
+    try:
+        params = SamplingParams(max_tokens=n_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        [out] = complete(Engine(model, tokenizer, max_batch=1), [tokenizer.encode(prompt)], [params])
+    finally:
+        model.train(was_training)
+    tokens = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids  # the end token is not text
+    return prompt + tokenizer.decode(tokens)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from ..atomic import atomic_write
 from .distill import DistillationError, Teacher
 
 Prompt = str | Sequence[dict[str, str]]
@@ -48,7 +48,7 @@ def _messages(prompt: Prompt, system: str | None, where: str) -> list[dict[str, 
 
 
 def _stop_ids(teacher: Teacher) -> set[int]:
-    from ..inference.checkpoint import end_token_ids
+    from ..inference.core.checkpoint import end_token_ids
 
     eos = getattr(getattr(teacher.model, "config", None), "eos_token_id", None)
     ids = set(end_token_ids(teacher.tokenizer))
@@ -56,64 +56,82 @@ def _stop_ids(teacher: Teacher) -> set[int]:
     return ids
 
 
-def _stepper(teacher: Teacher) -> Callable[[Tensor], Tensor]:
-    """A function: new ids (1, n) -> next-token logits (1, V), carrying the model's decode state."""
-    model = teacher.model
-    if teacher.kind == "mamba-moe":
-        cache = model.new_cache(1, device=teacher.device)
-        return lambda ids: model(ids, cache=cache).logits[:, -1].float()
-    state: dict[str, Any] = {"past": None}
-
-    def step(ids: Tensor) -> Tensor:
-        out = model(input_ids=ids, past_key_values=state["past"], use_cache=True)
-        state["past"] = out.past_key_values
-        return out.logits[:, -1].float()
-
-    return step
-
-
-@torch.no_grad()
-def generate_response(teacher: Teacher, messages: list[dict[str, str]], max_new_tokens: int, temperature: float,
-                      generator: torch.Generator) -> tuple[str, bool]:
-    """The teacher's answer to ``messages`` (greedy at temperature 0, else sampled), special tokens removed,
-    and whether it ended with a stop token (False: cut off at ``max_new_tokens``)."""
+def prompt_ids(teacher: Teacher, messages: list[dict[str, str]]) -> list[int]:
+    """The teacher's own chat template applied to ``messages``, ending in its assistant prompt, as ids."""
     tok = teacher.tokenizer
     if not getattr(tok, "chat_template", None):
         raise DistillationError(f"teacher {teacher.source}: its tokenizer has no chat template; sequence-level "
                                 "distillation needs the teacher's own chat format")
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=teacher.device)
-    stop = _stop_ids(teacher)
-    step = _stepper(teacher)
-    logits = step(ids)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        else:
-            token = int(logits.argmax(-1))
-        if token in stop:
-            return tok.decode(new, skip_special_tokens=True).strip(), True
-        new.append(token)
-        logits = step(torch.tensor([[token]], device=teacher.device))
-    return tok.decode(new, skip_special_tokens=True).strip(), False
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+# An answer: the new token ids without the end token, and whether the teacher ended it (False: cut off).
+Answer = tuple[list[int], bool]
+
+
+def _engine_answers(teacher: Teacher, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                    seed: int) -> list[Answer]:
+    """Our own teacher: the inference engine decodes every prompt in one continuously batched run."""
+    from ..inference import Engine, SamplingParams
+    from .engine_runs import complete
+
+    engine = Engine(teacher.model, teacher.tokenizer, max_batch=16)
+    stop = tuple(sorted(_stop_ids(teacher)))
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed + i, stop_token_ids=stop)
+              for i in range(len(prompts))]
+    try:
+        done = complete(engine, prompts, params)
+    except ValueError as err:  # a prompt longer than the teacher's context
+        raise DistillationError(f"teacher {teacher.source}: {err}") from err
+    return [(c.token_ids[:-1], True) if c.finish_reason == "stop" else (c.token_ids, False) for c in done]
+
+
+def _transformers_answers(teacher: Teacher, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                          seed: int) -> list[Answer]:
+    """A transformers (or GGUF) teacher: its own ``generate``, one prompt at a time (no padding to get right).
+
+    Every sampling option is set explicitly: transformers fills unset ones from the model's generation
+    config and its own defaults (top-k 50), which would silently change the distribution asked for."""
+    from transformers import GenerationConfig
+
+    stop = sorted(_stop_ids(teacher))
+    sample = temperature > 0
+    # (the truncation filters only exist when sampling; transformers warns about them on a greedy config)
+    filters = {"temperature": temperature, "top_k": 0, "top_p": 1.0, "typical_p": 1.0} if sample else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, repetition_penalty=1.0,
+                              no_repeat_ngram_size=0, min_length=0, eos_token_id=stop,
+                              pad_token_id=stop[0] if stop else None, **filters)
+    device = teacher.device
+    answers = []
+    for i, ids in enumerate(prompts):
+        x = torch.tensor([ids], device=device)
+        # generate() samples from the global RNG: seed a forked copy so the caller's stream is untouched
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + i)
+            out = teacher.model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+        new = out[0, len(ids):].tolist()
+        finished = bool(new) and new[-1] in stop
+        answers.append((new[:-1], True) if finished else (new, False))
+    return answers
+
+
+@torch.no_grad()
+def generate_responses(teacher: Teacher, chats: list[list[dict[str, str]]], max_new_tokens: int,
+                       temperature: float, seed: int) -> list[tuple[str, bool]]:
+    """The teacher's answer to each chat (greedy at temperature 0, else sampled with seed ``seed + i`` for
+    chat ``i``), special tokens removed, and whether it ended with a stop token (False: cut off at
+    ``max_new_tokens``). Decoding is the inference engine's (our teachers) or transformers' (the others)."""
+    ids = [prompt_ids(teacher, messages) for messages in chats]
+    run = _engine_answers if teacher.kind == "mamba-moe" else _transformers_answers
+    answers = run(teacher, ids, max_new_tokens, temperature, seed)
+    return [(teacher.tokenizer.decode(new, skip_special_tokens=True).strip(), finished) for new, finished in answers]
 
 
 def write_jsonl_atomic(records: Sequence[dict[str, Any]], out_path: str | os.PathLike) -> Path:
-    """Write one JSON object per line to ``out_path`` via a temporary file and a rename."""
+    """Write one JSON object per line to ``out_path`` atomically and durably (``atomic_write``)."""
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".tmp-{out_path.name}-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return out_path
 
 
@@ -123,7 +141,8 @@ def generate_chat_dataset(teacher: Teacher, prompts: Sequence[Prompt], out_path:
     """Teacher answers to ``prompts`` written to ``out_path`` as JSONL chats (``{"messages": [...]}``).
 
     A prompt is a user message (str) or a chat (list of role/content dicts) ending before the answer.
-    Sampling (``temperature > 0``) is seeded by ``seed``, so the same call writes the same file. Answers cut
+    Sampling (``temperature > 0``) is seeded by ``seed`` (``seed + i`` for prompt ``i``, so an answer does
+    not depend on the other prompts), and the same call writes the same file. Answers cut
     off at ``max_new_tokens`` are dropped (a warning counts them) unless ``keep_truncated``, which keeps
     them marked ``"truncated": true``.
     """
@@ -134,11 +153,10 @@ def generate_chat_dataset(teacher: Teacher, prompts: Sequence[Prompt], out_path:
     if isinstance(prompts, str) or not prompts:
         raise DistillationError("prompts: expected a non-empty list of prompts")
     teacher.model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    chats = [_messages(prompt, system, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
     records, cut = [], 0
-    for i, prompt in enumerate(prompts):
-        messages = _messages(prompt, system, f"prompts[{i}]")
-        answer, finished = generate_response(teacher, messages, max_new_tokens, temperature, generator)
+    for messages, (answer, finished) in zip(chats, generate_responses(teacher, chats, max_new_tokens, temperature,
+                                                                      seed), strict=True):
         record: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": answer}]}
         if not finished:
             cut += 1

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..atomic import atomic_directory
+from ..ops.cross_entropy import IGNORE_INDEX
 from .distill import DistillationError, Teacher, _ce, _check_shapes, kl_terms, masked_mean
 
 FORMAT = "mamba-moe-teacher-topk"
@@ -158,7 +159,7 @@ class TeacherTopK:
 
 
 def topk_distillation_loss(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, targets: Tensor,
-                           alpha: float, temperature: float, ignore_index: int = -100
+                           alpha: float, temperature: float, ignore_index: int = IGNORE_INDEX
                            ) -> tuple[Tensor, dict[str, Tensor]]:
     """Like :func:`~.distill.distillation_loss`, with the teacher known only on its top-k ids (see module doc).
 

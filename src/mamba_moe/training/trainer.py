@@ -1,15 +1,18 @@
-"""The training loop: data, model, AdamW, schedule, accumulation, clipping, eval, checkpoints, exact resume.
+"""The training loop: batches, accumulation, clipping, the optimizer step, eval, metrics, checkpoints, resume.
 
 One ``Trainer`` per run. ``setup()`` builds everything (so tests can reach in before ``train()``);
-``train(resume=True)`` continues from the newest checkpoint with bitwise-identical results on CPU.
-Options layered on the plain LM loss (each off unless configured): starting weights from another run
-(``init_from``), logit distillation (``distill``), quantization-aware training (``qat``), domain-guided
-routing (``domain_routing``), activation checkpointing, DDP or FSDP2 under torchrun, TensorBoard.
+``train(resume=True)`` continues from the newest complete checkpoint with bitwise-identical results on CPU.
+What the loop does not decide lives beside it: the objective and distillation set-up (``objective.py``),
+DDP / FSDP2 / compile / activation checkpointing (``parallelize.py``, one object the loop calls wherever
+the strategies differ), checkpoint files (``checkpoint.py``), the output-directory lock (``run_lock.py``).
+
+A step whose loss or gradient norm is not finite never reaches ``optimizer.step()``; weights that became
+non-finite anyway (an update that overflowed) are never saved. Either way the run stops with
+:class:`TrainingDiverged`, naming the last checkpoint written, which is therefore always a finite one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -24,14 +27,19 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from ..config import ConfigError, MambaMoEConfig
+from ..checkpoint_dirs import CheckpointError, incomplete_reason, step_dirs
+from ..config import MambaMoEConfig
 from ..data.tokenizer import vocab_size_of
 from ..model import MambaMoEForCausalLM
-from .batches import IGNORE_INDEX, StepBatch, TrainData
+from ..ops.cross_entropy import IGNORE_INDEX
+from ..validation import ConfigError
+from .batches import TrainData
 from .checkpoint import (
     latest_checkpoint,
     load_plain_weights,
     load_state,
+    load_weights,
+    remove_leftovers,
     resolve_init_checkpoint,
     rng_state,
     save_checkpoint,
@@ -40,13 +48,16 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, sum_across_ranks
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, drop_after
+from .objective import build_objective, domain_routing_table
 from .optim import build_optimizer, no_decay
+from .parallelize import Parallel, parallelize
+from .run_lock import OutputInUse, OutputLock
 from .schedule import lr_at
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the message names the last good checkpoint."""
+    """The loss, the gradients or the weights became NaN/inf; the message names the last good checkpoint."""
 
 
 @dataclass
@@ -60,10 +71,22 @@ class TrainResult:
     quantized: Path | None = None                        # QAT: the converted (quantized-weights) checkpoint
 
 
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str) -> torch.device:
+    """The device ``device:`` names, checked to exist here (a config error, not a CUDA traceback later)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(f"device: {name!r} asked for, but CUDA is not available ({why}); use device=cpu "
+                              "or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but MPS is not available here; use device=cpu")
+    return device
 
 
 class Trainer:
@@ -72,17 +95,18 @@ class Trainer:
         self.log = log
         self.out = Path(cfg.output)
         self.ckpt_root = self.out / "checkpoints"
-        self.device = _device(cfg)
+        self.device = resolve_device(cfg.device)
         self.amp = self.device.type == "cuda" and cfg.dtype in ("auto", "bf16")
         self.step = 0
         self.dist = DistInfo()
-        self.parallel = "none"       # none | ddp | fsdp
-        self.teacher: Any = None
-        self.topk: Any = None
+        self.parallel = "none"       # none | ddp | fsdp (the strategy's name)
         self.last_checkpoint: Path | None = None
+        self.lock = OutputLock(self.out)
 
     # ---- setup --------------------------------------------------------------------------------
     def setup(self) -> Trainer:
+        """Build data, model, parallelism, optimizer and objective; the output directory is locked first
+        (a second trainer is refused before it prepares anything) and released again if setup fails."""
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -90,10 +114,19 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        self._claim_output()
+        try:
+            return self._setup()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self) -> Trainer:
+        cfg = self.cfg
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.init_dir = resolve_init_checkpoint(cfg.init_from) if cfg.init_from else None
+        self.init_dir = resolve_init_checkpoint(cfg.init_from, log=self.log) if cfg.init_from else None
         self.data = TrainData(cfg, self.dist, self.init_dir, self.log)
         self.tokenizer, self.shards = self.data.tokenizer, self.data.shards
         self.train_ds = self.data.train_ds
@@ -103,21 +136,48 @@ class Trainer:
             from .qat import prepare_qat
 
             self.qat_names = prepare_qat(self.model, bits=cfg.qat.bits, group_size=cfg.qat.group_size)
-        self._expert_table = self._domain_routing_table()
+        expert_table = domain_routing_table(cfg, self.model.config, self.data.domains)
         keep = {name for name, p in self.model.named_parameters() if no_decay(name, p)}  # before sharding
-        self._wrap()
+        self.plan: Parallel = parallelize(self.model, cfg, self.dist, self.device, self.amp)
+        self.parallel = self.plan.name
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), self.device,
                                          no_decay_names=keep)
-        if cfg.distill is not None:
-            self._setup_distillation()
+        self.objective = build_objective(cfg, self.data, self.plan.forward, self.device, self.amp, expert_table,
+                                         self.init_dir)
         return self
+
+    def _claim_output(self) -> None:
+        """Lock the output directory (main rank); every rank learns whether that worked, so a refused
+        distributed run stops on all ranks instead of leaving the others waiting in a collective."""
+        error: OutputInUse | None = None
+        if self.dist.is_main:
+            try:
+                self.lock.acquire()
+            except OutputInUse as err:
+                error = err
+        if sum_across_ranks(1.0 if error else 0.0, self.dist, self.device):
+            raise error or OutputInUse(f"output {self.out}: rank 0 could not lock it (another trainer uses it)")
+
+    def close(self) -> None:
+        """Release the output directory (``train()`` does so when it ends)."""
+        self.lock.release()
+
+    @property
+    def compile_mode(self) -> str:
+        return self.plan.compile_mode
+
+    @property
+    def teacher(self) -> Any:
+        return self.objective.teacher
+
+    @property
+    def topk(self) -> Any:
+        return self.objective.topk
 
     def _build_model(self) -> MambaMoEForCausalLM:
         cfg = self.cfg
         if self.init_dir is not None:
-            from safetensors.torch import load_file
-
-            from ..model.lm import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_checked
+            from ..model.lm import CONFIG_NAME, load_state_dict_checked
 
             mcfg = MambaMoEConfig.load(self.init_dir / CONFIG_NAME)
             if cfg.model.overrides or cfg.model.config:
@@ -132,177 +192,12 @@ class Trainer:
                               f"({mcfg.max_position_embeddings})")
         model = MambaMoEForCausalLM(mcfg)
         if self.init_dir is not None:
-            load_state_dict_checked(model, load_file(str(self.init_dir / WEIGHTS_NAME)), str(self.init_dir))
+            load_state_dict_checked(model, load_weights(self.init_dir), str(self.init_dir))
         model = model.to(self.device)
         model.train()
-        if cfg.activation_checkpointing:
-            model.set_gradient_checkpointing(True)
         return model
 
-    def _wrap(self) -> None:
-        """DDP or FSDP2 under torchrun (``distributed``: ddp | fsdp | auto), optional torch.compile."""
-        cfg = self.cfg
-        self.forward: Any = self.model
-        self.ddp: Any = None
-        if self.dist.enabled:
-            self.parallel = self._parallel_mode()
-            if self.parallel == "fsdp":
-                if cfg.qat is not None:
-                    raise ConfigError("qat: not supported with distributed=fsdp yet (parametrized weights are not "
-                                      "sharded); use distributed=ddp")
-                from .fsdp import shard_model
-
-                shard_model(self.model, self.device, bf16=self.amp)
-            else:
-                from torch.nn.parallel import DistributedDataParallel
-
-                self.ddp = self.forward = DistributedDataParallel(
-                    self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        mode = "none" if self.device.type != "cuda" else ("blocks" if cfg.compile == "auto" else cfg.compile)
-        if mode in ("blocks", "blocks-cudagraphs"):
-            # Compiled in place, so DDP / FSDP wrappers and checkpoints see the same modules and names.
-            graph_mode = "reduce-overhead" if mode == "blocks-cudagraphs" else None
-            for layer in self.model.backbone.layers:
-                layer.compile(mode=graph_mode)
-        elif mode == "model":
-            self.forward = torch.compile(self.forward)
-        self.compile_mode = mode
-
-    def _parallel_mode(self) -> str:
-        """``auto``: FSDP when one replica's weights + AdamW state (16 bytes/parameter) would take more than
-        half of a GPU's memory, DDP otherwise (and always on CPU)."""
-        if self.cfg.distributed != "auto":
-            return self.cfg.distributed
-        if self.device.type != "cuda":
-            return "ddp"
-        need = 16 * sum(p.numel() for p in self.model.parameters())
-        return "fsdp" if need > 0.5 * torch.cuda.get_device_properties(self.device).total_memory else "ddp"
-
-    def _domain_routing_table(self) -> Tensor | None:
-        """Data domain index -> preferred expert (-1 = none), from ``domain_routing.experts``."""
-        spec = self.cfg.domain_routing
-        if spec is None:
-            return None
-        mcfg = self.model.config
-        if "moe" not in mcfg.layer_ffns:
-            raise ConfigError("domain_routing: the model has no MoE layer (model layer_ffns has no 'moe')")
-        for dom, idx in spec.experts.items():
-            if dom not in self.data.domains:
-                raise ConfigError(f"domain_routing.experts.{dom}: no such data domain (the data has "
-                                  f"{self.data.domains})")
-            if idx >= mcfg.moe_num_experts:
-                raise ConfigError(f"domain_routing.experts.{dom}: expert {idx} out of range (the model has "
-                                  f"{mcfg.moe_num_experts} routed experts)")
-        return torch.tensor([spec.experts.get(d, -1) for d in self.data.domains], dtype=torch.long)
-
-    def _setup_distillation(self) -> None:
-        from .distill import DistillationError, check_same_vocabulary
-        from .distill import load_teacher as load
-
-        def load_teacher(path: str, device: torch.device, dtype: torch.dtype) -> Any:
-            try:
-                return load(path, device, dtype)
-            except DistillationError as err:
-                raise ConfigError(f"distill.teacher: {err}") from err
-
-        spec = self.cfg.distill
-        dtype = torch.bfloat16 if self.amp else torch.float32
-        if spec.topk_dir:
-            from .teacher_topk import TeacherTopK, precompute_teacher_topk
-
-            if self.data.token_weighted:
-                raise ConfigError("distill.topk_dir: precomputed top-k needs packed data (data.source stdlib or "
-                                  "shards), whose windows have ids; for chats, leave topk_dir unset")
-            out = Path(spec.topk_dir)
-            if not (out / "manifest.json").exists():
-                if self.dist.enabled:  # the other ranks would wait on rank 0's whole teacher pass and time out
-                    raise ConfigError(f"distill.topk_dir: {out} has no manifest; write it before a distributed "
-                                      "run with `mamba-moe distill topk` (or one single-process run)")
-                if self.dist.is_main:
-                    teacher = load_teacher(spec.teacher, self.device, dtype)
-                    self._check_vocab(check_same_vocabulary, teacher)
-                    n = len(self.train_ds)
-                    self.log(f"distill: precomputing the teacher's top-{spec.topk} for {n:,} windows -> {out}")
-                    rows = 64  # teacher inference batch
-                    batches = (torch.stack([self._window(i) for i in range(a, min(a + rows, n))]).to(self.device)
-                               for a in range(0, n, rows))
-                    precompute_teacher_topk(teacher, batches, spec.topk, out,
-                                            metadata={"data": str(self.shards), "seq_len": self.cfg.seq_len})
-                    del teacher
-                barrier(self.dist)
-            self.topk = TeacherTopK(out)
-            if len(self.topk) != len(self.train_ds):
-                raise ConfigError(f"distill.topk_dir: {out} holds {len(self.topk)} windows, the training data "
-                                  f"{len(self.train_ds)}; it was computed for other data or seq_len")
-            return
-        self.teacher = load_teacher(spec.teacher, self.device, dtype)
-        self._check_vocab(check_same_vocabulary, self.teacher)
-
-    def _check_vocab(self, check: Callable[[Any, Any], None], teacher: Any) -> None:
-        from .distill import DistillationError
-
-        try:
-            check(teacher.tokenizer, self.tokenizer)
-        except DistillationError as err:
-            where = self.cfg.data.tokenizer or (self.init_dir or self.shards or "the data's tokenizer")
-            raise ConfigError(f"distill.teacher: {self.cfg.distill.teacher} vs the student tokenizer ({where}): "
-                              f"{err}") from err
-
-    def _window(self, window_id: int) -> Tensor:
-        stream, k = self.train_ds.locate(window_id)
-        return torch.from_numpy(self.train_ds.window(stream, k)[0][:-1])
-
     # ---- one step -------------------------------------------------------------------------------
-    def _forward(self, mb: StepBatch, logits: bool) -> Any:
-        kwargs: dict[str, Any] = {"attention_mask": mb.attention_mask}
-        if self._expert_table is not None:
-            experts = self._expert_table.to(mb.domain_ids.device)[mb.domain_ids]
-            kwargs["expert_targets"] = experts[:, None].expand_as(mb.input_ids)
-        if mb.document_ids is not None:
-            kwargs["document_ids"] = mb.document_ids
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            if logits:
-                return self.forward(mb.input_ids, **kwargs)
-            return self.forward(mb.input_ids, targets=mb.targets, return_logits=False, **kwargs)
-
-    def _loss(self, mb: StepBatch) -> tuple[Tensor, Tensor, dict[str, Tensor], Any]:
-        """(main loss, aux, parts, router stats) of one micro-batch. Main loss: the LM cross-entropy over
-        the targets, or with ``distill`` alpha * CE + (1 - alpha) * T^2 * KL; aux: the model's router
-        losses plus ``domain_routing.coef`` times the mean domain-routing loss over MoE layers."""
-        distill = self.teacher is not None or self.topk is not None
-        out = self._forward(mb, logits=distill)
-        parts: dict[str, Tensor] = {}
-        if distill:
-            from .distill import distillation_loss
-            from .teacher_topk import topk_distillation_loss
-
-            spec = self.cfg.distill
-            if self.topk is not None:
-                values, indices = self.topk.batch(mb.window_ids.tolist(), check_tokens=mb.input_ids)
-                main, terms = topk_distillation_loss(out.logits, values.to(self.device), indices.to(self.device),
-                                                     mb.targets, spec.alpha, spec.temperature)
-            else:
-                main, terms = distillation_loss(out.logits, self.teacher.logits(mb.input_ids), mb.targets,
-                                                spec.alpha, spec.temperature)
-            parts.update(terms)
-        else:
-            main = out.loss.float()
-        aux = out.aux_loss.float() if out.aux_loss is not None else torch.zeros((), device=main.device)
-        if self._expert_table is not None:
-            dom = torch.stack([s.domain_loss for s in out.router_stats if s.domain_loss is not None]).mean()
-            aux = aux + self.cfg.domain_routing.coef * dom
-            parts["domain_loss"] = dom.detach()
-        return main, aux, parts, out.router_stats
-
-    def _sync(self, sync: bool) -> Any:
-        """Gradient all-reduce only on the last micro-batch (DDP ``no_sync``; FSDP's gradient-sync switch)."""
-        if self.parallel == "fsdp":
-            self.model.set_requires_gradient_sync(sync)
-            return contextlib.nullcontext()
-        if self.parallel == "ddp" and not sync:
-            return self.ddp.no_sync()
-        return contextlib.nullcontext()
-
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         batch = self.data.next().to(self.device)
@@ -321,9 +216,9 @@ class Trainer:
         part_sums: dict[str, Tensor] = {}
         loads = []
         for i, micro in enumerate(micros):
-            self._new_graph_step()
-            with self._sync(i == len(micros) - 1):
-                main, aux, parts, stats = self._loss(micro)
+            self.plan.begin_micro_step()
+            with self.plan.gradient_sync(i == len(micros) - 1):
+                main, aux, parts, stats = self.objective.loss(micro)
                 if weighted:
                     w = counts[i] * self.dist.world_size / total
                     (main * w + aux / cfg.grad_accum).backward()
@@ -348,7 +243,7 @@ class Trainer:
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return {"step": self.step + 1, "loss": loss, "finite": False}
-        grad_norm = self._clip()
+        grad_norm = self.plan.clip_grad_norm(cfg.grad_clip)
         if not math.isfinite(grad_norm):  # finite loss, broken gradients: same outcome, no step taken
             self.optimizer.zero_grad(set_to_none=True)
             return {"step": self.step + 1, "loss": grad_norm, "what": "gradient norm", "finite": False}
@@ -360,19 +255,6 @@ class Trainer:
                 "grad_norm": grad_norm, "finite": True, **dict(zip(names, means[2:], strict=True)),
                 **_load_summary(loads)}
 
-    def _new_graph_step(self) -> None:
-        """With CUDA-graph blocks: the previous forward's outputs are consumed, so the graphs may reuse them."""
-        if self.compile_mode == "blocks-cudagraphs":
-            torch.compiler.cudagraph_mark_step_begin()
-
-    def _clip(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
-        if self.parallel == "fsdp":
-            from .fsdp import to_float
-
-            return to_float(norm)
-        return float(norm)
-
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -383,17 +265,17 @@ class Trainer:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for batch in self.data.val_batches(self.cfg.eval_batches):
-            self._new_graph_step()
+            self.plan.begin_micro_step()
             mb = batch.to(self.device)
             if per_domain:  # per-row losses, grouped by the row's domain
-                logits = self._forward(mb, logits=True).logits
+                logits = self.objective.forward(mb, logits=True).logits
                 tok = F.cross_entropy(logits.float().transpose(1, 2), mb.targets, reduction="none",
                                       ignore_index=IGNORE_INDEX)
                 valid = mb.targets != IGNORE_INDEX
                 rows = zip(tok.sum(1).tolist(), valid.sum(1).tolist(), batch.domain_ids.tolist(), strict=True)
             else:
                 n = mb.n_targets()
-                rows = [(float(self._forward(mb, logits=False).loss) * n, n, 0)]
+                rows = [(float(self.objective.forward(mb, logits=False).loss) * n, n, 0)]
             for total, n, dom in rows:
                 for key in ("all", self.data.domains[dom]):
                     sums[key] = sums.get(key, 0.0) + total
@@ -408,29 +290,13 @@ class Trainer:
         return result
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def _weights(self) -> dict[str, Tensor] | None:
-        """The plain-named state dict to save when ``model.state_dict()`` is not it (FSDP: gathered to
-        rank 0, a collective; QAT: the latent float weights)."""
-        if self.parallel == "fsdp":
-            from .fsdp import full_model_state
-
-            return full_model_state(self.model)
-        if self.qat_names:
-            from .qat import plain_state_dict
-
-            return plain_state_dict(self.model)
-        return None
-
     def save(self) -> Path:
+        """Write checkpoint ``step`` (rank 0; the others wait until it is whole). The caller has checked the
+        weights are finite (``plan.parameters_finite``)."""
         path = self.ckpt_root / f"step-{self.step:06d}"
-        weights = self._weights()
-        if self.parallel == "fsdp":
-            from .fsdp import full_optimizer_state
-
-            optimizer = full_optimizer_state(self.model, self.optimizer)
-        else:
-            optimizer = self.optimizer.state_dict()
-        if not self.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is whole
+        weights = self.plan.weights_to_save()                 # collectives under FSDP: every rank calls them
+        optimizer = self.plan.optimizer_state(self.optimizer)
+        if not self.dist.is_main:
             barrier(self.dist)
             self.last_checkpoint = path
             return path
@@ -444,30 +310,33 @@ class Trainer:
         return path
 
     def resume(self) -> Path:
-        path = latest_checkpoint(self.ckpt_root)
-        if path is None:
+        """Load the newest checkpoint that is complete and readable; damaged newer ones are skipped, saying
+        so (a power loss can leave truncated files in a checkpoint that was renamed into place)."""
+        candidates = list(reversed(step_dirs(self.ckpt_root)))
+        if not candidates:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path / "model.safetensors"))
-        state = load_state(path)
-        saved = state.get("parallel", "none")
-        if (saved == "fsdp") != (self.parallel == "fsdp"):
-            raise ConfigError(f"--resume: {path} was written by a {saved} run; its optimizer state does not fit a "
-                              f"{self.parallel} run (keep distributed= as it was)")
-        if self.parallel == "fsdp":
-            from .fsdp import load_full_model_state, load_full_optimizer_state
-
-            load_full_model_state(self.model, weights)
-            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        else:
-            load_plain_weights(self.model, weights, str(path))
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.data.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.last_checkpoint = path
-        return path
+        skipped: list[str] = []
+        for path in candidates:
+            reason = incomplete_reason(path, resume=True)
+            if reason is None:
+                try:
+                    weights, state = load_weights(path), load_state(path)
+                except CheckpointError as err:
+                    reason = str(err)
+            if reason is not None:
+                skipped.append(f"{path.name}: {reason}")
+                if self.dist.is_main:
+                    self.log(f"--resume: skipping {path}: {reason}; falling back to the previous checkpoint")
+                continue
+            self.plan.check_resumable(state.get("parallel", "none"), path)
+            self.plan.load(weights, self.optimizer, state["optimizer"], str(path))
+            self.data.load_state_dict(state["loader"])
+            set_rng_state(state["rng"])
+            self.step = int(state["step"])
+            self.last_checkpoint = path
+            return path
+        raise CheckpointError(f"--resume: no complete checkpoint under {self.ckpt_root} ({'; '.join(skipped)}); "
+                              "start the run afresh without --resume")
 
     def save_quantized(self) -> Path:
         """QAT: ``<output>/final-quantized``, the model with the fake quantization applied for good
@@ -488,22 +357,40 @@ class Trainer:
     def inference_model(self, checkpoint: Path | None = None) -> MambaMoEForCausalLM:
         """A model this process can run alone (for the sample): the live model, or with FSDP the
         checkpoint's weights in a plain model."""
-        if self.parallel != "fsdp":
-            return self.model
-        return MambaMoEForCausalLM.from_pretrained(checkpoint or self.last_checkpoint, device=self.device)
+        return self.plan.standalone_model(checkpoint or self.last_checkpoint)
 
     # ---- the loop ---------------------------------------------------------------------------------
+    def _diverged(self, what: str, value: Any, step: int, metrics: MetricsWriter, saved: str = "") -> None:
+        where = self.last_checkpoint or latest_checkpoint(self.ckpt_root)
+        metrics.write({"step": step, "event": "diverged", "what": what, "loss": str(value)})
+        raise TrainingDiverged(f"{what} is {value} at step {step}; stopped{saved}. Last good checkpoint: "
+                               + (f"{where} (resume with --resume)" if where else "none written yet"))
+
     def train(self, resume: bool = False, until: int | None = None) -> TrainResult:
         """Train to ``max_steps`` (or stop early at step ``until``, saving there). Raises
-        :class:`TrainingDiverged` on a non-finite loss, after leaving the last good checkpoint in place."""
+        :class:`TrainingDiverged` on a non-finite loss, gradient or weight, after leaving the last good
+        checkpoint in place. Holds the output directory's lock until it returns."""
+        try:
+            self._claim_output()
+            return self._train(resume, until)
+        finally:
+            self.lock.release()
+
+    def _train(self, resume: bool, until: int | None) -> TrainResult:
         cfg = self.cfg
         self.last_checkpoint = None
+        main = self.dist.is_main
+        if main:  # under the lock: temporaries here are from a killed run, never from a live one
+            for leftover in remove_leftovers(self.ckpt_root):
+                self.log(f"removed {leftover.name}, left by an interrupted save")
         if resume:
             self.log(f"resumed from {self.resume()} at step {self.step}")
-        main = self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         if main:
             cfg.save(self.out / "train_config.yaml")
+            if dropped := drop_after(self.out, self.step):
+                self.log(f"metrics.jsonl: dropped {dropped} record(s) after step {self.step} (written by an earlier "
+                         "or interrupted run of this output)")
         stop = min(cfg.max_steps, until if until is not None else cfg.max_steps)
         result = TrainResult(step=self.step, shards=self.shards)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * self.dist.world_size
@@ -515,12 +402,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 rec = self.train_step()
                 if not rec["finite"]:
-                    where = self.last_checkpoint or latest_checkpoint(self.ckpt_root)
-                    msg = (f"{rec.get('what', 'loss')} is {rec['loss']} at step {rec['step']}; stopped. "
-                           "Last good checkpoint: "
-                           + (f"{where} (resume with --resume)" if where else "none written yet"))
-                    metrics.write({"step": rec["step"], "event": "diverged", "loss": str(rec["loss"])})
-                    raise TrainingDiverged(msg)
+                    self._diverged(rec.get("what", "loss"), rec["loss"], rec["step"], metrics)
                 rec["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
                 del rec["finite"]
                 result.losses.append(rec["loss"])
@@ -543,6 +425,10 @@ class Trainer:
                     self.log(f"step {self.step}/{cfg.max_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
                              f"{done * tokens_per_step / max(elapsed, 1e-9):.0f} tok/s  eta {eta:.0f}s")
                 if self.step % cfg.save_every == 0 or self.step == stop:
+                    # An update can overflow with finite loss and gradients (a huge lr): such weights are
+                    # never written, so every checkpoint on disk is one a run can continue from.
+                    if not self.plan.parameters_finite():
+                        self._diverged("a weight", "not finite", self.step, metrics, saved=" without saving")
                     result.checkpoint = self.save()
         finally:
             metrics.close()

@@ -1,0 +1,1 @@
+"""The engine core: requests, sampling, the running batch and the engine that drives it."""

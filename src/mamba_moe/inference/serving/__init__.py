@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: request validation, the model's worker thread, the FastAPI app."""
