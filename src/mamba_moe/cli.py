@@ -9,10 +9,12 @@ import time
 
 import torch
 
+from .cli_types import positive_int
 from .config import PRESETS, ConfigError, MambaMoEConfig, get_preset
 
 _SUBCOMMAND_MODULES: list[str] = ["mamba_moe.inference.cli", "mamba_moe.data.cli", "mamba_moe.training.cli",
-                                   "mamba_moe.training.distill_cli"]
+                                   "mamba_moe.training.distill_cli", "mamba_moe.export.cli",
+                                   "mamba_moe.evaluation.cli", "mamba_moe.growth.cli"]
 
 
 def _load_config(args: argparse.Namespace) -> MambaMoEConfig:
@@ -20,16 +22,18 @@ def _load_config(args: argparse.Namespace) -> MambaMoEConfig:
 
 
 def _describe(model, config: MambaMoEConfig) -> None:
-    from .export import export_blockers
+    from .export import export_blockers, export_caveats
     from .model.params import count_parameters, format_parameter_table
 
     layout = " ".join(("A" if m == "attention" else "M") + {"moe": "e", "dense": "d", "none": "-"}[f]
                       for m, f in zip(config.layer_mixers, config.layer_ffns, strict=True))
     print(f"layers ({config.n_layers}): {layout}   (M = Mamba2, A = attention; e = MoE, d = dense FFN, - = none)")
     print(format_parameter_table(count_parameters(model)))
-    blockers = export_blockers(config)
-    print("GGUF (llama.cpp granitehybrid): " + ("exportable" if not blockers else
-                                                "not exportable: " + "; ".join(map(str, blockers))))
+    blockers, caveats = export_blockers(config), export_caveats(config)
+    status = "not exportable: " + "; ".join(map(str, blockers)) if blockers else "exportable"
+    if caveats and not blockers:
+        status += " (" + "; ".join(map(str, caveats)) + ")"
+    print("GGUF (llama.cpp granitehybrid): " + status)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -48,6 +52,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     config = _load_config(args)
+    if args.prompt_tokens + args.new_tokens > config.max_position_embeddings:
+        raise ValueError(f"--prompt-tokens + --new-tokens: {args.prompt_tokens + args.new_tokens} tokens, more than "
+                         f"the model's context of {config.max_position_embeddings}")
     start = time.perf_counter()
     model = MambaMoEForCausalLM(config).eval()
     print(f"built {args.config or args.preset} in {time.perf_counter() - start:.1f}s")
@@ -92,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = with_model(sub.add_parser("demo", help="build a model and generate from it (no download, CPU)"),
                       "mamba-moe-300m")
-    demo.add_argument("--prompt-tokens", type=int, default=32)
-    demo.add_argument("--new-tokens", type=int, default=16)
+    demo.add_argument("--prompt-tokens", type=positive_int, default=32, help="random prompt length (default 32)")
+    demo.add_argument("--new-tokens", type=positive_int, default=16, help="tokens to generate (default 16)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 

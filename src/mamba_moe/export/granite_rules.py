@@ -1,8 +1,10 @@
 """Which configs can be exported to llama.cpp's ``granitehybrid`` GGUF architecture, and why not.
 
 ``export_blockers(config)`` lists every reason a config cannot be exported; an empty list means the
-exporter can write it. Each blocker carries a stable rule name from ``RULES`` so docs and tests can
-refer to it. The flagship preset ``mamba-moe-300m`` is shaped to pass every rule.
+exporter can write it. ``export_caveats(config)`` lists what an exportable config gives up (GPU backends
+that will not run it; the CPU backend, a phone's, runs every exportable config). Each blocker carries
+a stable rule name from ``RULES`` so docs and tests can refer to it. The flagship
+preset ``mamba-moe-300m`` is shaped to pass every rule.
 
 Not a rule: llama.cpp uses one RMSNorm epsilon (``attention.layer_norm_rms_epsilon``) for every norm,
 including the grouped norm inside the Mamba2 mixer. Our config has a single ``rms_norm_eps`` field for
@@ -18,21 +20,30 @@ from ..config import MambaMoEConfig
 # Stable rule name -> one-line description (listed in the docs).
 RULES: dict[str, str] = {
     "ssm_expand": "Mamba2 layers need ssm_expand = 2 (llama.cpp asserts d_inner == 2 * n_embd).",
-    "ssm_state_size": "Mamba2 layers need ssm_state_size = 128 (llama.cpp's GPU scan kernels).",
-    "ssm_head_dim": "Mamba2 layers need ssm_head_dim = 64 (Granite-4.0-H's head size).",
     "ssm_ngroups": "Mamba2 layers need ssm_ngroups of 1 or 2 "
                    "(llama.cpp asserts d_inner % (n_group * n_embd) == 0).",
+    "attention_layer": "Mamba2 layers need at least one attention layer beside them (granitehybrid always "
+                       "builds a KV cache, and an empty one aborts llama.cpp).",
     "ffn_uniform": "Every layer needs the same FFN kind, all 'moe' or all 'dense' "
                    "(granitehybrid gives every layer one FFN of one kind).",
     "ffn_activation": "FFNs must use swiglu (granitehybrid only builds silu-gated FFNs).",
     "moe_router": "The 'switch' router has no llama.cpp equivalent "
                   "(capacity dropping, raw top-1 probability scaling).",
-    "hidden_multiple_256": "d_model and the FFN / expert hidden sizes must be multiples of 256 "
-                           "(K-quant super-block size).",
     "attn_type": "attn_type 'diff' (2024 form with per-head RMSNorm) has no llama.cpp equivalent.",
     "diff2_lambda": "diff2_lambda 'token' cannot be folded into a fixed output projection; use 'head'.",
     "rope_scaling": "rope_scaling must be None, or yarn with beta_fast 32, beta_slow 1 "
                     "and no attention_factor.",
+}
+
+
+# Stable caveat name -> one-line description: the file is written and runs, with a stated limitation.
+CAVEATS: dict[str, str] = {
+    "ssm_state_size": "ssm_state_size other than 128 or 256 runs on llama.cpp's CPU backend only (its CUDA, Vulkan "
+                      "and SYCL Mamba2 scans exist for 128 and 256).",
+    "ssm_head_dim": "ssm_head_dim other than 64 is outside the shape llama.cpp's GPU scans are exercised with "
+                    "(Granite-4.0-H's); the CPU backend runs it exactly.",
+    "hidden_multiple_256": "d_model or an FFN / expert hidden size that is not a multiple of 256 rules out the "
+                           "K-quants (super-blocks of 256); f32, f16, bf16, q8_0 and q4_0 still fit (blocks of 32).",
 }
 
 
@@ -60,20 +71,18 @@ def export_blockers(config: MambaMoEConfig) -> list[ExportBlocker]:
         # llama.cpp's tensor loader asserts 2 * n_embd == d_inner.
         if config.ssm_expand != 2:
             block("ssm_expand", f"ssm_expand is {config.ssm_expand}; llama.cpp's Mamba2 supports only 2")
-        # llama.cpp's CUDA, Vulkan and SYCL Mamba2 scans only exist for d_state 128 and 256 (Vulkan also
-        # wants head_dim % 16 == 0); anything else aborts or falls back to the CPU. We pin the shape of
-        # Granite-4.0-H (d_state 128, head_dim 64), the configuration those kernels are exercised with.
-        if config.ssm_state_size != 128:
-            block("ssm_state_size", f"ssm_state_size is {config.ssm_state_size}; llama.cpp's GPU scans "
-                  "need 128")
-        if config.ssm_head_dim != 64:
-            block("ssm_head_dim", f"ssm_head_dim is {config.ssm_head_dim}; export supports only 64 "
-                  "(Granite-4.0-H's head size)")
         # build_mamba2_layer asserts d_inner % (n_group * n_embd) == 0; with d_inner = 2 * n_embd
         # only 1 or 2 groups pass.
         if config.ssm_ngroups not in (1, 2):
             block("ssm_ngroups", f"ssm_ngroups is {config.ssm_ngroups}; llama.cpp's Mamba2 graph allows "
                   "only 1 or 2 (it asserts d_inner % (n_group * n_embd) == 0)")
+        # granitehybrid's memory is always hybrid: a KV cache over the attention layers beside the recurrent
+        # states. With no attention layer the KV cache has no buffer and llama.cpp aborts at load
+        # (GGML_ASSERT(buffer) in ggml-backend.cpp, seen with llama-cpp-python 0.3.36). Its pure-SSM
+        # architecture, mamba2, has no FFN, which ffn_uniform already rules out.
+        if "attention" not in config.layer_mixers:
+            block("attention_layer", "every layer is Mamba2; llama.cpp's granitehybrid needs at least one "
+                  "attention layer (it aborts on an empty KV cache)")
 
     # granitehybrid puts an FFN on every layer, and whether it is MoE or dense is decided once for the
     # model (expert_count > 0), so layers cannot mix kinds or skip the FFN.
@@ -92,19 +101,6 @@ def export_blockers(config: MambaMoEConfig) -> list[ExportBlocker]:
         block("moe_router", "moe_router 'switch' (capacity dropping, raw top-1 probability scaling) has no "
               "llama.cpp equivalent; use 'soft' or 'topk'")
 
-    # K-quants (Q4_K etc.) pack rows in super-blocks of 256 values, so every matrix row length (the
-    # input width of each linear layer) must be a multiple of 256.
-    widths = {"d_model": config.d_model}
-    if has_dense:
-        widths["ffn_hidden_size"] = config.ffn_hidden_size
-    if has_moe:
-        widths["moe_expert_hidden_size"] = config.moe_expert_hidden_size
-        if config.moe_shared_expert_hidden_size > 0:
-            widths["moe_shared_expert_hidden_size"] = config.moe_shared_expert_hidden_size
-    for name, value in widths.items():
-        if value % 256:
-            block("hidden_multiple_256", f"{name} is {value}, not a multiple of 256 (llama.cpp's K-quants "
-                  "need row lengths that are multiples of 256)")
 
     if "attention" in config.layer_mixers:
         # 'diff' normalises each head with its own RMSNorm before o_proj; llama.cpp's attention has no
@@ -127,6 +123,39 @@ def export_blockers(config: MambaMoEConfig) -> list[ExportBlocker]:
         if rs.get("attention_factor") is not None:
             block("rope_scaling", f"rope_scaling.attention_factor is {rs['attention_factor']}; llama.cpp "
                   "multiplies its attn_factor by 0.1 ln(factor) + 1 instead of replacing it; leave it unset")
+    return out
+
+
+def export_caveats(config: MambaMoEConfig) -> list[ExportBlocker]:
+    """What an exportable ``config`` gives up in llama.cpp: the backends that will not run it.
+
+    A phone runs llama.cpp on its CPU, where any d_state and head_dim are computed exactly (tested by
+    logits against llama-cpp-python); GPU backends implement the Mamba2 scan for the shapes of published
+    checkpoints only, and abort or fall back otherwise. So these are caveats, not blockers.
+    """
+    out: list[ExportBlocker] = []
+    # K-quants (Q4_K etc.) pack rows in super-blocks of 256 values, so every matrix row length (the input
+    # width of each linear layer) must be a multiple of 256 for them; the exporter checks each tensor
+    # against the type asked for (``llama_quant.py``), so this only says which types are out of reach.
+    ffns = set(config.layer_ffns)
+    widths = {"d_model": config.d_model}
+    if "dense" in ffns:
+        widths["ffn_hidden_size"] = config.ffn_hidden_size
+    if "moe" in ffns:
+        widths["moe_expert_hidden_size"] = config.moe_expert_hidden_size
+        if config.moe_shared_expert_hidden_size > 0:
+            widths["moe_shared_expert_hidden_size"] = config.moe_shared_expert_hidden_size
+    for name, value in widths.items():
+        if value % 256:
+            out.append(ExportBlocker("hidden_multiple_256", f"{name} is {value}, not a multiple of 256: no K-quant "
+                                     "types (f32, f16, bf16, q8_0 and q4_0 fit)"))
+    if "mamba" in config.layer_mixers:
+        if config.ssm_state_size not in (128, 256):
+            out.append(ExportBlocker("ssm_state_size", f"ssm_state_size is {config.ssm_state_size}: llama.cpp's "
+                                     "CPU backend only (its GPU scans need 128 or 256)"))
+        if config.ssm_head_dim != 64:
+            out.append(ExportBlocker("ssm_head_dim", f"ssm_head_dim is {config.ssm_head_dim}: llama.cpp's CPU "
+                                     "backend runs it; its GPU scans are exercised with 64 (Granite-4.0-H)"))
     return out
 
 

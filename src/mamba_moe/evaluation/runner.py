@@ -1,0 +1,133 @@
+"""Running tasks on a backend: items in batches, each finished batch cached, then the report.
+
+    report = run_eval(backend, ["gsm8k", "passkey"], "runs/eval", limit=50, seed=0)
+
+An interrupted run (Ctrl-C, a kill, a crash) resumes from ``samples/<task>.jsonl``: finished samples are
+read back, not recomputed, and the report is the same as that of a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .backends.base import Backend, GenRequest, GenResult
+from .cache import SampleCache, sample_key
+from .errors import EvalError
+from .report import harness_versions, write_report
+from .tasks import Item, Task, task_class
+from .tasks.base import RollingRequest
+
+REPORT_FORMAT = "mamba-moe-eval"
+REPORT_VERSION = 1
+
+
+def parse_sets(values: Sequence[str], tasks: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``--set TASK.NAME=VALUE`` flags as {task: {name: value}} (the task must be one of ``tasks``)."""
+    out: dict[str, dict[str, str]] = {}
+    for text in values:
+        name, eq, value = text.partition("=")
+        task, dot, key = name.partition(".")
+        if not eq or not dot or not task or not key:
+            raise EvalError(f"--set {text}: expected TASK.OPTION=VALUE, e.g. gsm8k.num_fewshot=5")
+        if task not in tasks:
+            raise EvalError(f"--set {text}: task {task!r} is not among --tasks ({', '.join(tasks)})")
+        out.setdefault(task, {})[key] = value
+    return out
+
+
+def _public(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if not k.startswith("_")}
+
+
+def _record(task: Task, item: Item, key: str, output: Any, verdict: dict[str, Any]) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": item.id, "key": key, "task": task.name, **item.request.to_json()}
+    if isinstance(output, GenResult):
+        record.update(output=output.text, finish_reason=output.finish_reason)
+        if output.error:
+            record["error"] = output.error
+    record.update(target=item.target, meta=_public(item.meta), verdict=verdict)
+    return record
+
+
+def _run_batch(backend: Backend, items: Sequence[Item]) -> list[Any]:
+    requests = [item.request for item in items]
+    if all(isinstance(r, GenRequest) for r in requests):
+        return backend.generate(requests)  # type: ignore[arg-type]
+    if all(isinstance(r, RollingRequest) for r in requests):
+        return backend.rolling_loglikelihood([r.text for r in requests])  # type: ignore[union-attr]
+    raise TypeError("a batch mixes request kinds")
+
+
+def run_task(task: Task, backend: Backend, output: Path, limit: int | None, batch_size: int,
+             progress: bool) -> tuple[dict[str, Any], dict[str, int]]:
+    """(the task's report entry, {"cached", "computed"} counts)."""
+    items = task.items(backend, limit)
+    ids = [item.id for item in items]
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"{task.name}: duplicate item ids")
+    settings = task.settings()
+    identity = {"model": backend.info.model, "kind": backend.info.kind,
+                "digest": backend.info.details.get("digest"), "dtype": backend.info.details.get("dtype")}
+    cache = SampleCache(output / "samples" / f"{task.name}.jsonl")
+    stored = cache.load()
+    keys = {item.id: sample_key({"request": item.request.to_json(), "target": item.target, "meta": item.meta,
+                                 "settings": settings, "model": identity}) for item in items}
+    done = {i: stored[i] for i in ids if i in stored and stored[i].get("key") == keys[i]}
+    pending = [item for item in items if item.id not in done]
+    bar = tqdm(total=len(items), initial=len(done), desc=task.name, unit="sample", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            outputs = _run_batch(backend, chunk)
+            verdicts = task.score(chunk, outputs)
+            records = [_record(task, item, keys[item.id], out, v)
+                       for item, out, v in zip(chunk, outputs, verdicts, strict=True)]
+            cache.append(records)
+            done.update((r["id"], r) for r in records)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    ordered = [done[i] for i in ids]
+    entry = {"metric": task.metric, **task.aggregate(ordered), "settings": settings,
+             "samples": f"samples/{task.name}.jsonl"}
+    return entry, {"cached": len(items) - len(pending), "computed": len(pending)}
+
+
+def run_eval(backend: Backend, tasks: Sequence[str], output: str | Path, *, model: str | None = None,
+             limit: int | None = None, seed: int = 0, chat: bool = False,
+             options: dict[str, dict[str, str]] | None = None, data_dir: str | None = None, batch_size: int = 16,
+             progress: bool = False) -> dict[str, Any]:
+    """Run ``tasks`` on ``backend``, caching samples under ``output``; write and return the report."""
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit: must be a positive integer, got {limit}")
+    output = Path(output)
+    options = options or {}
+    built = [task_class(name)(options.get(name), seed=seed, chat=chat, data_dir=data_dir) for name in tasks]
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT, "version": REPORT_VERSION,
+        "model": {"spec": model or backend.info.model, "kind": backend.info.kind, "name": backend.info.model,
+                  "details": backend.info.details, "max_context": backend.max_context},
+        "harness": harness_versions(),
+        "settings": {"seed": seed, "limit": limit, "mode": "chat" if chat else "base", "tasks": list(tasks)},
+        "tasks": {},
+        "run": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tasks": {}},
+    }
+    for task in built:
+        if task.needs_scoring and not backend.can_score:
+            report["tasks"][task.name] = {"metric": task.metric, "value": None, "ci95": [None, None], "n": 0,
+                                          "skipped": f"the {backend.info.kind} backend cannot score text "
+                                                     "(no log-probabilities)"}
+            continue
+        started = time.monotonic()
+        entry, counts = run_task(task, backend, output, limit, batch_size, progress)
+        report["tasks"][task.name] = entry
+        report["run"]["tasks"][task.name] = {**counts, "seconds": round(time.monotonic() - started, 2)}
+    report["run"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_report(output, report)
+    return report
