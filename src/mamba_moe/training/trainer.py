@@ -30,6 +30,7 @@ from torch import Tensor
 from ..checkpoint_dirs import CheckpointError, incomplete_reason, step_dirs
 from ..config import MambaMoEConfig
 from ..data.tokenizer import vocab_size_of
+from ..devices import resolve_device
 from ..model import MambaMoEForCausalLM
 from ..ops.cross_entropy import IGNORE_INDEX
 from ..validation import ConfigError
@@ -71,31 +72,13 @@ class TrainResult:
     quantized: Path | None = None                        # QAT: the converted (quantized-weights) checkpoint
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device ``device:`` names, checked to exist here (a config error, not a CUDA traceback later)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise ConfigError(f"device: {name!r} asked for, but CUDA is not available ({why}); use device=cpu "
-                              "or device=auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device: {name!r} asked for, but this machine has {torch.cuda.device_count()} "
-                              "CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device: {name!r} asked for, but MPS is not available here; use device=cpu")
-    return device
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
         self.log = log
         self.out = Path(cfg.output)
         self.ckpt_root = self.out / "checkpoints"
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)  # a ConfigError naming device: for a missing one
         self.amp = self.device.type == "cuda" and cfg.dtype in ("auto", "bf16")
         self.step = 0
         self.dist = DistInfo()

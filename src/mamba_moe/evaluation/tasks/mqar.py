@@ -17,7 +17,7 @@ from ..backends.base import Backend, GenRequest
 from ..errors import EvalError
 from ..stats import clustered_interval, wilson_interval
 from .base import Item, Option, Task, positive_int
-from .synthetic import first_integer, rng
+from .synthetic import rng, score_first_integer
 
 HEADER = "Remember the value of each key.\n"
 RECALL = "\nNow recall the values.\n"
@@ -71,14 +71,7 @@ class MQAR(Task):
         return {**super().settings(), "decoding": "greedy"}
 
     def score(self, items: Sequence[Item], outputs: Sequence[Any]) -> list[dict[str, Any]]:
-        verdicts = []
-        for item, output in zip(items, outputs, strict=True):
-            got = None if output.error else first_integer(output.text)
-            verdict = {"score": float(got == item.target), "correct": got == item.target, "extracted": got}
-            if output.error:
-                verdict["error"] = output.error
-            verdicts.append(verdict)
-        return verdicts
+        return score_first_integer([item.target for item in items], outputs)
 
     def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         clusters: dict[int, list[bool]] = defaultdict(list)

@@ -17,7 +17,7 @@ from ..backends.base import Backend, GenRequest
 from ..errors import EvalError
 from ..stats import wilson_interval
 from .base import Item, Option, Task, float_list, int_list, positive_int
-from .synthetic import first_integer, rng
+from .synthetic import rng, score_first_integer
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about it.\n\n")
@@ -90,14 +90,7 @@ class Passkey(Task):
         return settings
 
     def score(self, items: Sequence[Item], outputs: Sequence[Any]) -> list[dict[str, Any]]:
-        verdicts = []
-        for item, output in zip(items, outputs, strict=True):
-            got = None if output.error else first_integer(output.text)
-            verdict = {"score": float(got == item.target), "correct": got == item.target, "extracted": got}
-            if output.error:
-                verdict["error"] = output.error
-            verdicts.append(verdict)
-        return verdicts
+        return score_first_integer([item.target for item in items], outputs)
 
     def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         def summary(rs: Sequence[dict[str, Any]]) -> dict[str, Any]:

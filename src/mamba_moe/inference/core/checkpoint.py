@@ -16,35 +16,15 @@ import torch
 from ...checkpoint_dirs import resolve_model_dir
 from ...data.chatml import END_TOKENS
 from ...data.tokenizer import load_tokenizer
+from ...devices import resolve_device
 from ...model.lm import MambaMoEForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def parse_device(device: str | torch.device | None) -> torch.device | None:
-    """``device`` as a ``torch.device``, refused by name when it is not one or this machine lacks it.
-
-    torch itself fails late and obscurely: ``"cuda"`` on a CPU-only build raises an AssertionError deep in
-    the first ``.to()``, ``"cuda:3"`` on a one-GPU machine a RuntimeError at the first kernel.
-    """
-    if device is None:
-        return None
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from err
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} asked for, but CUDA is not available on this machine "
-                             "(torch.cuda.is_available() is False); use cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {device!r} asked for, but this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device: {device!r} asked for, but MPS is not available on this machine; use cpu")
-    elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device: {device!r} is not supported for inference (cpu, cuda or mps)")
-    return parsed
+    """``device`` as a ``torch.device``, refused by name when it is not one or this machine lacks it."""
+    return resolve_device(device)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

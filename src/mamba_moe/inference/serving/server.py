@@ -45,6 +45,8 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 PROMPT_THREADS = 2   # requests decoded and tokenized at once; more would only compete for the 2 cores with decode
 CLIENT_GONE = 499    # nginx's "client closed request": the status of a response nobody will read
+DRAIN_BYTES = 64 << 20   # after a 413, read and discard at most this much of the refused body ...
+DRAIN_SECONDS = 2.0      # ... for at most this long, then close
 
 
 def _require_web() -> None:
@@ -119,17 +121,40 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
     async def read_body(request: Any) -> bytes:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            await discard_body(request, 0)
             raise too_large(int(declared))
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limits.max_body_bytes:
+                    await discard_body(request, size)
                     raise too_large(None)
                 chunks.append(chunk)
         except ClientDisconnect as err:
             raise api.APIError(CLIENT_GONE, "client disconnected") from err
         return b"".join(chunks)
+
+    async def discard_body(request: Any, seen: int) -> None:
+        """Read and drop what is left of a refused body, within a byte and a time budget, before answering.
+
+        Closing a socket with unread bytes makes the kernel send a reset, which can destroy the 413 before a
+        client still sending its body reads it (seen on a loaded 2-core machine: the openai client got
+        "Connection reset by peer"). nginx's "lingering close" solves the same problem. Nothing is kept, and
+        the loop stays free between chunks, so other requests are served meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_SECONDS
+        try:
+            while seen < DRAIN_BYTES:
+                message = await asyncio.wait_for(request.receive(), max(0.0, deadline - loop.time()))
+                if message["type"] != "http.request":
+                    return
+                seen += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+        except (TimeoutError, ClientDisconnect):
+            return  # the budget is spent or the client left: answer and close now
 
     def prepare(raw: bytes, chat: bool) -> tuple[api.ParsedRequest, list[Any]]:
         """On a prompt thread: bytes -> JSON -> validated request -> one engine request per choice."""
