@@ -7,13 +7,11 @@ the tests that read the real data skip with a message when it is absent.
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
+from helpers.serving import TOY_SEED
 from helpers.toy import save_toy_checkpoint
-
-TOY_SEED = int(os.environ.get("MAMBA_MOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,10 @@ forms where they can be built here."""
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
-import threading
-import time
 from contextlib import contextmanager
 
 import pytest
+from helpers.serving import running_server
 
 from mamba_moe.evaluation.backends import detect_kind, open_backend
 from mamba_moe.evaluation.backends.base import GenRequest
@@ -28,34 +23,11 @@ TASKS = ["gsm8k", "mqar", "passkey", "humaneval"]
 
 @contextmanager
 def served(checkpoint):
-    openai = pytest.importorskip("openai")
+    pytest.importorskip("openai")
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    cmd = [sys.executable, "-m", "mamba_moe", "serve", str(checkpoint), "--port", "0", "--threads", "1",
-           "--dtype", "float64", "--model-name", "toy"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert match, f"server did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}"
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
-        url = f"http://127.0.0.1:{match.group(1)}/v1"
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=5)
-        for _ in range(300):
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.1)
+    with running_server(checkpoint, timeout=5) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import random
 import re
 import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +21,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import serving
 from helpers.toy import save_toy_checkpoint
 
 from mamba_moe.data.chat import render_chat_text
@@ -38,8 +36,7 @@ MODEL = "toy"
 MAX_TOKENS_LIMIT = 4000
 
 
-# The toy weights' seed: MAMBA_MOE_TEST_SEED replays a run (every failure message names it).
-TOY_SEED = int(os.environ.get("MAMBA_MOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+TOY_SEED = serving.TOY_SEED
 
 
 @pytest.fixture(scope="module")
@@ -59,31 +56,9 @@ def engine(checkpoint):
 
 @contextmanager
 def running_server(checkpoint, *flags: str):
-    """``mamba-moe serve`` on port 0 (the OS picks a free one); the port is read from its first line."""
-    cmd = [sys.executable, "-m", "mamba_moe", "serve", str(checkpoint), "--port", "0", "--threads", "1",
-           "--dtype", "float64", "--model-name", MODEL, *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert match, f"server did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}"
-        url = f"http://127.0.0.1:{match.group(1)}/v1"
-        threading.Thread(target=proc.stdout.read, daemon=True).start()   # keep draining its log
-        client = openai.OpenAI(base_url=url, api_key="unused", timeout=120, max_retries=0)
-        for _ in range(300):
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.1)
+    """``mamba-moe serve`` on a free port (``helpers.serving``), as an openai client."""
+    with serving.running_server(checkpoint, *flags, model_name=MODEL) as (_, client):
         yield client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
