@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.distill import make_tiny_teacher, tiny_tokenizer
 
 from mamba_moe.data.config import SourceConfig
 from mamba_moe.data.sft import SFTDataset, SFTLoader
@@ -21,14 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["What is the capital of France?", "Name a color of the sky."]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer) -> Path:
-    return make_tiny_teacher(tmp_path_factory.getbasetemp(), tokenizer)
 
 
 def _read_as_sft(path: Path, tokenizer) -> SFTDataset:

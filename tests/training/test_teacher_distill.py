@@ -5,12 +5,11 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.distill import make_tiny_teacher, text_windows, tiny_model, tiny_tokenizer
+from helpers.distill import text_windows, tiny_model
 
 from mamba_moe.data.tokenizer import train_tokenizer
 from mamba_moe.training.distill import (
@@ -25,16 +24,6 @@ from mamba_moe.training.teacher_topk import TeacherTopK, precompute_teacher_topk
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---- shared set-up (also used by test_sequence_distill.py) ---------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer) -> Path:
-    return make_tiny_teacher(tmp_path_factory.getbasetemp(), tokenizer)
 
 
 # ---- the loss --------------------------------------------------------------------------------------------
