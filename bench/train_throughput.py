@@ -64,12 +64,7 @@ PEER_TAG = "+mamba_ssm"
 
 
 def model_config(name: str) -> MambaMoEConfig:
-    base = name.removesuffix(PEER_TAG)
-    if base == "mamba-moe-300m-dense":
-        flagship = get_preset("mamba-moe-300m")
-        width = flagship.moe_num_experts * flagship.moe_expert_hidden_size + flagship.moe_shared_expert_hidden_size
-        return get_preset("mamba-moe-300m", layer_ffns=["dense"] * flagship.n_layers, ffn_hidden_size=width)
-    return get_preset(base)
+    return get_preset(name.removesuffix(PEER_TAG))
 
 
 # ---- model FLOPs ------------------------------------------------------------------------------------

@@ -14,14 +14,14 @@ from .config import PRESETS, ConfigError, MambaMoEConfig, get_preset
 
 _SUBCOMMAND_MODULES: list[str] = ["mamba_moe.inference.cli", "mamba_moe.data.cli", "mamba_moe.training.cli",
                                    "mamba_moe.training.distill_cli", "mamba_moe.export.cli",
-                                   "mamba_moe.evaluation.cli", "mamba_moe.growth.cli"]
+                                   "mamba_moe.evaluation.cli", "mamba_moe.growth.cli", "mamba_moe.memory.cli"]
 
 
 def _load_config(args: argparse.Namespace) -> MambaMoEConfig:
     return MambaMoEConfig.load(args.config) if args.config else get_preset(args.preset)
 
 
-def _describe(model, config: MambaMoEConfig) -> None:
+def _describe(model, config: MambaMoEConfig, export_status: bool = True) -> None:
     from .export import export_blockers, export_caveats
     from .model.params import count_parameters, format_parameter_table
 
@@ -29,6 +29,8 @@ def _describe(model, config: MambaMoEConfig) -> None:
                       for m, f in zip(config.layer_mixers, config.layer_ffns, strict=True))
     print(f"layers ({config.n_layers}): {layout}   (M = Mamba2, A = attention; e = MoE, d = dense FFN, - = none)")
     print(format_parameter_table(count_parameters(model)))
+    if not export_status:  # `info` prints the export tiers in full instead
+        return
     blockers, caveats = export_blockers(config), export_caveats(config)
     status = "not exportable: " + "; ".join(map(str, blockers)) if blockers else "exportable"
     if caveats and not blockers:
@@ -37,11 +39,26 @@ def _describe(model, config: MambaMoEConfig) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    config = _load_config(args)
-    with torch.device("meta"):  # sizes only: no memory, no init
-        from .model import MambaMoEForCausalLM
-        model = MambaMoEForCausalLM(config)
-    _describe(model, config)
+    """A checkpoint (with its growth history, adapter and the file types its tensors fit) or a config/preset."""
+    from .info import adapter_lines, export_tier_lines, history_lines
+    from .model import MambaMoEForCausalLM
+
+    if args.checkpoint is None:
+        config = _load_config(args)
+        with torch.device("meta"):  # sizes only: no memory, no init
+            model = MambaMoEForCausalLM(config)
+        _describe(model, config, export_status=False)
+        print("\n".join(export_tier_lines(config)))
+        return 0
+    if args.config:
+        raise ConfigError("--config: give a checkpoint or a model config, not both")
+    from .checkpoint_dirs import resolve_model_dir
+
+    directory = resolve_model_dir(args.checkpoint)  # a run folder: its newest complete checkpoint
+    model = MambaMoEForCausalLM.from_pretrained(directory)
+    print(f"checkpoint: {directory}")
+    _describe(model, model.config, export_status=False)
+    print("\n".join(adapter_lines(directory) + history_lines(directory) + export_tier_lines(model.config, model)))
     return 0
 
 
@@ -93,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="model config file (YAML or config.json); overrides --preset")
         return p
 
-    info = with_model(sub.add_parser("info", help="parameter table, layout and export status of a model"),
-                      "mamba-moe-300m")
+    info = with_model(sub.add_parser("info", help="parameter table, layout, growth history and export tiers of a "
+                                                  "checkpoint or a model config"), "mamba-moe-300m")
+    info.add_argument("checkpoint", nargs="?", help="checkpoint directory or run folder (default: --preset/--config)")
     info.set_defaults(func=cmd_info)
 
     demo = with_model(sub.add_parser("demo", help="build a model and generate from it (no download, CPU)"),

@@ -328,6 +328,14 @@ def _flagship() -> MambaMoEConfig:
     )
 
 
+def _flagship_dense() -> MambaMoEConfig:
+    # The flagship with a dense SwiGLU FFN as wide as its soft MoE's active width (6 x 256 + 512 = 2048), so
+    # the same parameters act on each token (less the router): the study's MoE-vs-dense control.
+    flagship = _flagship()
+    width = flagship.moe_num_experts * flagship.moe_expert_hidden_size + flagship.moe_shared_expert_hidden_size
+    return flagship.replace(layer_ffns=["dense"] * flagship.n_layers, ffn_hidden_size=width)
+
+
 def _mamba_r1() -> MambaMoEConfig:
     # Seed 004's "technical specifications": Mamba blocks alternating with Switch-MoE FFNs.
     return MambaMoEConfig(
@@ -378,6 +386,7 @@ def _transformer_baseline() -> MambaMoEConfig:
 
 PRESETS = {
     "mamba-moe-300m": _flagship,
+    "mamba-moe-300m-dense": _flagship_dense,
     "transformer-baseline": _transformer_baseline,
     "mamba-r1": _mamba_r1,
     "mamba-moe-small": _small,

@@ -149,6 +149,12 @@ def test_gguf_backend_on_smollm2(tmp_path):
     prompt = "The capital of France is"
     first, second = backend.generate([GenRequest(prompt=prompt, max_tokens=8)] * 2)
     assert first.text == second.text and first.text.strip()          # greedy: the same twice
+    # plain prompts decode through Llama.generate here; on valid UTF-8 that is create_completion's answer
+    for text, stop in ((prompt, ()), ("Question: What is 2 + 3?\nAnswer:", ("Question:",))):
+        (ours,) = backend.generate([GenRequest(prompt=text, max_tokens=24, stop=stop)])
+        theirs = backend.llm.create_completion(prompt=text, max_tokens=24, temperature=0.0, top_k=0, top_p=1.0,
+                                               min_p=0.0, repeat_penalty=1.0, stop=list(stop) or None)
+        assert (ours.text, ours.finish_reason) == (theirs["choices"][0]["text"], theirs["choices"][0]["finish_reason"])
     (ll,) = backend.loglikelihood([(prompt, " Paris")])
     (other,) = backend.loglikelihood([(prompt, " Banana")])
     assert ll.logprob > other.logprob                                  # a real model knows this one

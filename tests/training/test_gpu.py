@@ -46,3 +46,20 @@ def test_compiled_blocks_resume(corpus, tmp_path) -> None:
     second = resumed.train(resume=True)
     assert resumed.step == 4 and len(first.losses) == len(second.losses) == 2
     assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(first.losses + second.losses, full, strict=True))
+
+
+def test_compiled_accumulated_run_in_time_slices(corpus, tmp_path) -> None:
+    """The study's path: block-compiled, grad_accum 2, stopped by a time limit after every step and resumed
+    (a fresh Trainer each slice, as separate calls would) — the same losses as one run, to 1e-3 relative."""
+    full = Trainer(tiny_config(corpus, tmp_path / "full", max_steps=3, grad_accum=2, device="cuda")).setup()
+    reference = full.train().losses
+    cfg = tiny_config(corpus, tmp_path / "sliced", max_steps=3, grad_accum=2, device="cuda")
+    losses = []
+    for call in range(3):
+        trainer = Trainer(cfg).setup()
+        assert trainer.compile_mode == "blocks"
+        result = trainer.train(resume=call > 0, time_limit_s=1e-9)
+        losses += result.losses
+        assert result.stopped_early == (call < 2)
+    assert all(math.isfinite(x) for x in losses)
+    assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(losses, reference, strict=True)), (losses, reference)

@@ -1,4 +1,4 @@
-"""``mamba-moe data …``: train-tokenizer, prepare, inspect. ``register`` adds them to the main parser."""
+"""``mamba-moe data …``: train-tokenizer, prepare, inspect, memory-dialogues; ``register`` adds them to the parser."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..cli_types import non_negative_int
+from ..cli_types import non_negative_int, positive_int
 from .config import DataError, PrepareConfig, SourceConfig
 
 
@@ -48,6 +48,22 @@ def register(subparsers: Any) -> None:
                      help="length of the decoded sample (0: counts only)")
     ins.add_argument("--seed", type=int, default=None, help="pick the sample document with this seed")
     ins.set_defaults(func=cmd_inspect)
+
+    md = sub.add_parser("memory-dialogues", help="seeded multi-session chats with gold answers (stage-4 memory)",
+                        description="Write multi-session conversations (facts, updates, corrections, deletions, "
+                                    "other people, relative dates, chit-chat) with probes and gold answers, one "
+                                    "chat per JSONL line (data.source: chat). Training seeds are 0..999999; the "
+                                    "held-out seeds the memory evaluation reads are refused here unless --split "
+                                    "eval. See docs/memory.md.")
+    md.add_argument("--seed", type=int, default=0, help="the seed (train: 0..999999, eval: 1000000..1999999)")
+    md.add_argument("--conversations", type=positive_int, default=100, help="conversations to write (default 100)")
+    md.add_argument("--sessions", type=positive_int, default=50, help="sessions per conversation (default 50)")
+    md.add_argument("--split", choices=["train", "eval"], default="train", help="seed range (default train)")
+    md.add_argument("--format", dest="row_format", choices=["dialogue", "reader"], default="dialogue",
+                    help="dialogue: one whole conversation a row; reader: one probe a row, its facts in a system "
+                         "message as the memory's model reader writes them (default dialogue)")
+    md.add_argument("--out", required=True, help="output JSONL file (written atomically)")
+    md.set_defaults(func=cmd_memory_dialogues)
 
 
 # ---- train-tokenizer ------------------------------------------------------------------------------
@@ -197,3 +213,19 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
+
+
+# ---- memory-dialogues -----------------------------------------------------------------------------
+
+def cmd_memory_dialogues(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .memory_dialogues import DialogueConfig, generate, write_rows
+
+    conversations = generate(args.seed, args.conversations, split=args.split,
+                             config=DialogueConfig(sessions=args.sessions))
+    path = write_rows(conversations, args.out, args.row_format)
+    kinds = Counter(p.kind for c in conversations for p in c.probes)
+    print(f"wrote {path}: {len(conversations)} conversations of {args.sessions} sessions ({args.split} seed "
+          f"{args.seed}), probes: " + ", ".join(f"{k} {kinds[k]}" for k in ("recall", "latest", "abstain", "deleted")))
+    return 0

@@ -1,6 +1,7 @@
 """Evaluation: one offline harness that scores our checkpoints and peer models on the same tasks.
 
     mamba-moe eval MODEL --tasks gsm8k,humaneval,ppl,passkey,mqar --limit 50 --output runs/eval
+    mamba-moe eval MODEL --tasks mt-bench-local --set mt-bench-local.judge=JUDGE_MODEL --limit 10
 
 ``backends/`` turns MODEL (our checkpoint directory, an HF causal-LM directory, a GGUF file, or
 ``openai:URL``) into one small interface (generate, and score where the backend can); ``tasks/`` holds

@@ -17,7 +17,7 @@ def register(subparsers: Any) -> None:
     from .tasks import TASK_NAMES
 
     ev = subparsers.add_parser(
-        "eval", help="score a model on gsm8k, humaneval, ppl, passkey, mqar (offline)",
+        "eval", help="score a model on gsm8k, humaneval, mt-bench-local, ppl, passkey, mqar (offline)",
         description="Evaluate MODEL: our checkpoint directory, an HF causal-LM directory, a .gguf file, or "
                     "openai:URL. Writes DIR/report.json, DIR/report.md and DIR/samples/<task>.jsonl; a rerun "
                     "with the same DIR resumes. See docs/evaluation.md.")
@@ -28,8 +28,10 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--seed", type=int, default=0, help="fixes exemplars, synthetic data and sampling (default 0)")
     ev.add_argument("--chat", action="store_true", help="address the model with chat messages (instruct models)")
     ev.add_argument("--set", dest="sets", action="append", default=[], metavar="TASK.OPTION=VALUE",
-                    help="task option, e.g. gsm8k.num_fewshot=5 or passkey.lengths=1024,4096 (repeatable)")
-    ev.add_argument("--data-dir", help="folder with gsm8k/ (default: $MAMBA_MOE_EVAL_DATA or ../shared/data)")
+                    help="task option, e.g. gsm8k.num_fewshot=5, passkey.lengths=1024,4096 or "
+                         "mt-bench-local.judge=MODEL (repeatable)")
+    ev.add_argument("--data-dir",
+                    help="folder with gsm8k/ and mt_bench/ (default: $MAMBA_MOE_EVAL_DATA or ../shared/data)")
     ev.add_argument("--batch-size", type=positive_int, default=16, help="items per batch (and cache write)")
     ev.add_argument("--device", default="cpu", help="torch device for checkpoint/HF models (default cpu)")
     ev.add_argument("--dtype", default="float32", help="weights dtype for checkpoint/HF models (default float32)")
@@ -66,13 +68,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = parse_sets(args.sets, tasks)
     if args.threads:
         torch.set_num_threads(args.threads)
-    backend = open_backend(args.model, device=args.device, dtype=args.dtype, openai_model=args.openai_model,
-                           api_key_env=args.api_key_env, concurrency=args.concurrency, n_ctx=args.n_ctx,
-                           seed=args.seed, threads=args.threads)
+    def open_model(model: str, openai_model: str | None = None) -> Any:
+        # a judge (mt-bench-local.judge=MODEL) opens with the same device, dtype, threads and context
+        return open_backend(model, device=args.device, dtype=args.dtype, openai_model=openai_model,
+                            api_key_env=args.api_key_env, concurrency=args.concurrency, n_ctx=args.n_ctx,
+                            seed=args.seed, threads=args.threads)
+
+    backend = open_model(args.model, args.openai_model)
     try:
         report = run_eval(backend, tasks, args.output, model=args.model, limit=args.limit, seed=args.seed,
                           chat=args.chat, options=options, data_dir=args.data_dir, batch_size=args.batch_size,
-                          progress=not args.no_progress and sys.stderr.isatty())
+                          progress=not args.no_progress and sys.stderr.isatty(), open_model=open_model)
     finally:
         backend.close()
     for name, entry in report["tasks"].items():
@@ -82,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lo, hi = entry["ci95"]
         value = "–" if entry["value"] is None else f"{entry['value']:.4f}"
         interval = "" if lo is None else f" [{lo:.4f}, {hi:.4f}]"
-        print(f"{name}: {entry['metric']} {value}{interval} (n={entry['n']})")
+        print(f"{entry.get('title', name)}: {entry['metric']} {value}{interval} (n={entry['n']})")
     print(f"report: {args.output}/report.md")
     return 0
 

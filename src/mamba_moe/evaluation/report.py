@@ -54,10 +54,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             note = f"token perplexity {_fmt(entry['token_perplexity'], 2)} over {entry['tokens']} tokens"
         elif name == "gsm8k" and entry.get("n"):
             note = f"strict (#### found) {_fmt(entry['strict_match'])}; errors {entry['errors']}"
-        lines.append(f"| {name} | {entry['metric']} | {_fmt(entry['value'])} | {_ci(entry.get('ci95'))} | "
+        elif name == "mt-bench-local" and "judgments" in entry:
+            reasons = ", ".join(f"{k} {v}" for k, v in entry["failure_reasons"].items())
+            note = (f"{entry['questions']} questions; {entry['judgments']} judgments, parse failures "
+                    f"{entry['parse_failures']}{f' ({reasons})' if reasons else ''}")
+        title = entry.get("title", name)   # MT-Bench-local names its judge
+        lines.append(f"| {title} | {entry['metric']} | {_fmt(entry['value'])} | {_ci(entry.get('ci95'))} | "
                      f"{entry.get('n', 0)} | {note} |")
     for name, entry in report["tasks"].items():
-        breakdowns = {k: entry[k] for k in ("by_length", "by_depth", "domains") if k in entry}
+        breakdowns = {k: entry[k] for k in ("by_length", "by_depth", "domains", "by_turn", "by_category")
+                      if k in entry}
+        name = entry.get("title", name)
         for title, table in breakdowns.items():
             lines += ["", f"**{name} {title.replace('_', ' ')}**", "", "| | value | 95% interval | n |",
                       "|---|---|---|---|"]

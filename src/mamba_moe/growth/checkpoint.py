@@ -21,9 +21,12 @@ from ..atomic import atomic_directory
 from ..checkpoint_dirs import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, CheckpointError, resolve_model_dir
 from ..model.lm import MambaMoEForCausalLM
 from .common import GrowthError
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_INFO
 
 HISTORY_NAME = "growth.json"
-_NOT_COPIED = {CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, HISTORY_NAME, "train_config.yaml"}
+# A LoRA run's checkpoint also holds its adapter, which fits the base, not the grown or merged model.
+_NOT_COPIED = {CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, HISTORY_NAME, "train_config.yaml", ADAPTER_CONFIG,
+               ADAPTER_WEIGHTS, BASE_INFO}
 
 
 def source_dir(path: str | os.PathLike) -> Path:
@@ -66,8 +69,14 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
     return data["history"]
 
 
+def write_history(directory: str | os.PathLike, history: list[dict[str, Any]]) -> None:
+    """``growth.json`` in ``directory`` (a checkpoint being written: the caller makes it appear whole)."""
+    (Path(directory) / HISTORY_NAME).write_text(json.dumps({"history": history}, indent=2) + "\n", encoding="utf-8")
+
+
 def format_history(history: list[dict[str, Any]]) -> str:
-    """One line per operation, oldest first (for ``mamba-moe info``-style listings)."""
+    """One line per operation, oldest first (``mamba-moe info``): what, with which arguments, whether it kept
+    the logits (and the measured error), the held-out loss, when, and the parameter count before -> after."""
     lines = []
     for i, entry in enumerate(history, 1):
         args = ", ".join(f"{k}={v}" for k, v in entry.get("arguments", {}).items())
@@ -81,6 +90,11 @@ def format_history(history: list[dict[str, Any]]) -> str:
         loss = entry.get("heldout")
         if loss:
             extra += f", held-out loss {loss['loss_before']:.4f} -> {loss['loss_after']:.4f}"
+        params = entry.get("parameters")
+        if isinstance(params, dict) and {"before", "after"} <= set(params):
+            extra += f", parameters {params['before']:,} -> {params['after']:,}"
+        if entry.get("time"):
+            extra += f", {entry['time']}"
         lines.append(f"{i}. {entry.get('operation')}({args}): {kind}{extra}")
     return "\n".join(lines)
 
@@ -101,5 +115,5 @@ def write_checkpoint(model: MambaMoEForCausalLM, output: Path, side_files_from: 
                 continue
             if item.is_file():  # tokenizer.json, tokenizer_config.json, chat template, ...
                 shutil.copy2(item, tmp / item.name)
-        (tmp / HISTORY_NAME).write_text(json.dumps({"history": history}, indent=2) + "\n", encoding="utf-8")
+        write_history(tmp, history)
     return output

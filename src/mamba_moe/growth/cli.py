@@ -46,7 +46,8 @@ def register(subparsers: Any) -> None:
     sub = lora.add_subparsers(dest="lora_command", required=True)
     merge = sub.add_parser("merge", help="fold an adapter into its base checkpoint (before export)")
     merge.add_argument("base", help="the base checkpoint the adapter was trained on")
-    merge.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors), or a "
+                                          "LoRA training run (its newest checkpoint holds the adapter)")
     merge.add_argument("-o", "--output", required=True, help="directory to write the merged checkpoint to")
     merge.add_argument("--no-base-check", action="store_true",
                        help="skip the base-weights fingerprint check (the config must still match)")

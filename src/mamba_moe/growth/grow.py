@@ -152,6 +152,7 @@ def grow_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, op
         report.heldout = loss_report(model, grown, windows)
 
     facts: dict[str, Any] = {"function_preserving": exact, "config_changes": report.changes,
+                             "parameters": {"before": model.num_parameters(), "after": grown.num_parameters()},
                              "check": {"max_rel_error": error, "tolerance": tolerance, "dtype": str(model_dtype(model)),
                                        "ids_shape": list(ids.shape)}}
     if report.heldout:

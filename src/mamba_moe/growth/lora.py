@@ -318,18 +318,45 @@ def _lora_info(model: nn.Module) -> dict[str, Any]:
     return info
 
 
+def write_lora_files(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the adapter's files (PEFT's two + ``mamba_moe_base.json``) into the existing ``directory``, as
+    they are: the caller makes the directory appear whole (``save_lora``, or a trainer checkpoint)."""
+    info = _lora_info(model)
+    directory = Path(directory)
+    state = lora_state_dict(model)
+    info["peft_config"].save_pretrained(str(directory))
+    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    settings = info["settings"].to_dict() if info["settings"] is not None else None
+    (directory / BASE_INFO).write_text(json.dumps({"fingerprint": info["fingerprint"], "settings": settings,
+                                                   "base_config": info["base_config"]}, indent=2) + "\n")
+
+
 def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter in PEFT's format to directory ``path`` (atomically: whole or not at all)."""
-    info = _lora_info(model)
+    _lora_info(model)
     path = Path(path)
-    state = lora_state_dict(model)
     with atomic_directory(path) as tmp:
-        info["peft_config"].save_pretrained(str(tmp))
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / BASE_INFO).write_text(json.dumps({"fingerprint": info["fingerprint"],
-                                                 "settings": info["settings"].to_dict(),
-                                                 "base_config": info["base_config"]}, indent=2) + "\n")
+        write_lora_files(model, tmp)
     return path
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a PEFT adapter (a ``save_lora`` directory, or a LoRA run's checkpoint)."""
+    return all((Path(path) / name).is_file() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+
+
+def read_base_info(path: str | os.PathLike) -> dict[str, Any]:
+    """``mamba_moe_base.json`` of an adapter directory (empty for an adapter written by stock PEFT)."""
+    file = Path(path) / BASE_INFO
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise GrowthError(f"adapter: {file} cannot be read ({err}); the adapter directory is damaged") from None
+    if not isinstance(data, dict):
+        raise GrowthError(f"adapter: {file} is not a base record (expected a JSON object)")
+    return data
 
 
 def _check_base(model: nn.Module, path: Path, saved: dict[str, Any], fingerprint: str | None) -> None:
@@ -356,7 +383,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, check_base: bool = True
                               f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     if has_lora(model):
         raise GrowthError("lora: the model already has adapters (merge them with merge_lora first)")
-    saved = json.loads((path / BASE_INFO).read_text()) if (path / BASE_INFO).is_file() else {}
+    saved = read_base_info(path)
     fingerprint = base_fingerprint(model)
     _check_base(model, path, saved, fingerprint if check_base else None)
     peft_config = peft.LoraConfig.from_pretrained(str(path))
@@ -368,23 +395,62 @@ def load_lora(model: nn.Module, path: str | os.PathLike, check_base: bool = True
     except ValueError as err:
         raise GrowthError(f"adapter: {path} does not fit this base: {err}") from None
     _adapt_method_calls(model)
-    own = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-    want = {_PREFIX + k.replace(f".{_ADAPTER}.", ".", 1): k for k in own}
-    problems = [f"missing {k}" for k in want if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in want]
-    problems += [f"{k}: shape {tuple(state[k].shape)}, base expects {tuple(own[want[k]].shape)}"
-                 for k in want if k in state and state[k].shape != own[want[k]].shape]
+    problems = _copy_adapter_tensors(model, state)
     if problems:
         _unload(model, merge=False)
         raise GrowthError(f"adapter: {path / ADAPTER_WEIGHTS} does not fit this base: {'; '.join(problems[:8])}")
-    with torch.no_grad():
-        for key, name in want.items():
-            own[name].copy_(state[key])
     _freeze_base(model)
     settings = LoraSettings.from_dict(saved["settings"]) if "settings" in saved else None
     model._mamba_moe_lora = {"settings": settings, "peft_config": peft_config, "fingerprint": fingerprint,
                              "base_config": model.config.to_dict()}
     return model
+
+
+def _copy_adapter_tensors(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """Copy the saved adapter ``state`` (PEFT's saved names) into ``model``'s adapter parameters in place (so an
+    optimizer holding them keeps them); nothing is copied, and the mismatches are returned, when it does not fit."""
+    own = {k: v for k, v in model.state_dict(keep_vars=True).items() if "lora_" in k}
+    want = {_PREFIX + k.replace(f".{_ADAPTER}.", ".", 1): k for k in own}
+    problems = [f"missing {k}" for k in want if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in want]
+    problems += [f"{k}: shape {tuple(state[k].shape)}, base expects {tuple(own[want[k]].shape)}"
+                 for k in want if k in state and state[k].shape != own[want[k]].shape]
+    if not problems:
+        with torch.no_grad():
+            for key, name in want.items():
+                own[name].copy_(state[key])
+    return problems
+
+
+def restore_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the adapter tensors saved at ``path`` into the adapters ``model`` already has (``apply_lora`` with
+    the same settings, on the same base): an exact resume of a LoRA run. The base must be the one the adapter
+    was trained on (fingerprint) and the settings the saved ones; each difference is an error naming it."""
+    info = _lora_info(model)
+    path = Path(path)
+    if not is_adapter_dir(path):
+        raise GrowthError(f"adapter: {path} holds no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}")
+    saved = read_base_info(path)
+    _check_base(model, path, saved, info["fingerprint"])
+    if info["settings"] is not None and saved.get("settings") not in (None, info["settings"].to_dict()):
+        have, was = info["settings"].to_dict(), saved["settings"]
+        name = (next((k for k in have if have[k] != was.get(k)), None)
+                or next(k for k in was if k not in have))   # a field this version no longer has
+        raise GrowthError(f"lora.{name}: the adapter {path} was trained with {name}={was.get(name)!r}, this run "
+                          f"has {have.get(name)!r}; keep the lora section as it was to resume")
+    problems = _copy_adapter_tensors(model, load_file(str(path / ADAPTER_WEIGHTS)))
+    if problems:
+        raise GrowthError(f"adapter: {path / ADAPTER_WEIGHTS} does not fit this model's adapters: "
+                          f"{'; '.join(problems[:8])}")
+    return model
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain model (a deep copy, adapter folded in by :func:`merge_lora`); ``model`` keeps its adapters."""
+    import copy
+
+    _lora_info(model)
+    return merge_lora(copy.deepcopy(model))
 
 
 def _unload(model: nn.Module, merge: bool) -> None:

@@ -6,6 +6,10 @@ Layout of ``<output>/checkpoints/step-000123/``::
     tokenizer.json, tokenizer_config.json, …  AutoTokenizer.from_pretrained(dir) works
     train_config.yaml                          the TrainConfig of the run
     trainer_state.pt                           optimizer, step, loader state, RNG states (python, numpy, torch)
+    growth.json                                the growth history of the --checkpoint it started from, if any
+    adapter_config.json, adapter_model.safetensors, mamba_moe_base.json
+                                               LoRA runs: the adapter (PEFT format); model.safetensors is then
+                                               the base with the adapter merged in
 
 Each checkpoint is written into a hidden temp directory, fsync'ed file by file and renamed into place
 (``atomic_directory``), so a crash, a power loss or a full disk leaves the previous checkpoints untouched;
@@ -18,6 +22,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +83,14 @@ def write_weights(path: str | Path, model_config: Any, weights: dict[str, Tensor
 
 
 def save_checkpoint(root: str | Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any],
-                    config_yaml: str, keep_last: int, weights: dict[str, Tensor] | None = None) -> Path:
+                    config_yaml: str, keep_last: int, weights: dict[str, Tensor] | None = None,
+                    extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and prune to the newest ``keep_last``.
 
     ``weights``: the model's state dict under plain names when ``model.state_dict()`` is not that (QAT
-    parametrizations, FSDP shards); ``model.save_pretrained`` is used otherwise."""
+    parametrizations, FSDP shards, a LoRA run's merged model); ``model.save_pretrained`` is used otherwise.
+    ``extra_files(directory)`` writes further files into the checkpoint before it is renamed into place
+    (a LoRA adapter, the growth history)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -94,6 +102,8 @@ def save_checkpoint(root: str | Path, step: int, model: Any, tokenizer: Any, sta
         tokenizer.save_pretrained(str(tmp))
         (tmp / "train_config.yaml").write_text(config_yaml)
         torch.save(state, tmp / STATE_NAME)
+        if extra_files is not None:
+            extra_files(tmp)
     for stale in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
     return final

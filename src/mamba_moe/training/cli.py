@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..cli_types import positive_float
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="train a model from a YAML training config (see configs/train/)",
@@ -24,6 +26,9 @@ def register(subparsers: Any) -> None:
                         "checkpoint); the model config comes from it, optimizer/schedule/step start fresh")
     p.add_argument("--resume", action="store_true",
                    help="continue this run (its output folder) exactly from its newest checkpoint")
+    p.add_argument("--time-limit", type=positive_float, metavar="SECONDS",
+                   help="stop at the first step after SECONDS of training, save a checkpoint there and exit 0; "
+                        "continue with --resume (for GPU time that comes in fixed slices)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)")
     p.set_defaults(func=cmd_train)
 
@@ -51,12 +56,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         extras = [name for name, on in (("QAT", cfg.qat), ("distillation", cfg.distill),
                                         ("domain routing", cfg.domain_routing),
                                         ("activation checkpointing", cfg.activation_checkpointing)) if on]
+        if cfg.lora is not None:
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            extras.append(f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: {trained:,} trained "
+                          "parameters, the base frozen")
         print(f"model: {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active); "
               f"device {trainer.device}; {trainer.data.describe()}; data-parallel processes: "
               f"{trainer.dist.world_size} ({trainer.parallel}){start_from}"
               + (f"; {', '.join(extras)}" if extras else ""), flush=True)
     try:
-        result = trainer.train(resume=args.resume)
+        result = trainer.train(resume=args.resume, time_limit_s=args.time_limit)
     except TrainingDiverged as err:
         print(f"mamba-moe train: {err}", file=sys.stderr)
         return 1
@@ -84,6 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"unigram entropy of the training tokens: {entropy:.3f} nats/token (no validation split)")
     print(f"checkpoint: {result.checkpoint} (model + tokenizer + trainer state)")
+    if result.stopped_early:
+        print(f"stopped by --time-limit at step {result.step} of {cfg.max_steps}; continue with: mamba-moe train "
+              f"--config {args.config} --resume" + "".join(f" {o}" for o in args.overrides), flush=True)
     if result.quantized:
         print(f"QAT: quantized weights (convert_qat) in {result.quantized}")
     if cfg.sample_tokens:

@@ -18,6 +18,7 @@ import yaml
 
 from ..atomic import atomic_write
 from ..config import MambaMoEConfig, get_preset
+from ..growth.lora import LoraSettings
 from ..user_text import InvalidTextError, decode_text
 from ..validation import (
     ConfigError,
@@ -190,6 +191,9 @@ class TrainConfig:
     distill: DistillSpec | None = None
     qat: QATSpec | None = None
     domain_routing: DomainRoutingSpec | None = None
+    # LoRA (growth/lora.py, PEFT): adapters on the --checkpoint base, which stays frozen; rank, alpha, dropout,
+    # targets by our module names (in_proj, out_proj, q/k/v/o_proj, gate/up/down_proj, experts), layers.
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
@@ -242,9 +246,17 @@ class TrainConfig:
             check_bool(name, getattr(self, name))
         self.model.validate("model")
         self.data.validate("data")
-        for name in ("distill", "qat", "domain_routing"):
+        for name in ("distill", "qat", "domain_routing", "lora"):
             if getattr(self, name) is not None:
                 getattr(self, name).validate(name)
+        if self.lora is not None:
+            # QAT parametrizes the very weights LoRA wraps; domain routing trains the router, which LoRA freezes;
+            # FSDP would shard PEFT's layers (untested): each is refused rather than half working.
+            for name, on in (("qat", self.qat is not None), ("domain_routing", self.domain_routing is not None),
+                             ("distributed", self.distributed == "fsdp")):
+                if on:
+                    raise ConfigError(f"lora: not supported with {name}" + (": fsdp" if name == "distributed" else "")
+                                      + " (train the adapter without it)")
         if self.distill is not None and (self.data.pack or self.data.isolate_documents):
             # The student would see each document alone while the teacher reads the whole packed row.
             raise ConfigError("distill: not supported with data.pack or data.isolate_documents (the teacher "
@@ -288,7 +300,7 @@ class TrainConfig:
 
 
 _SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "distill": DistillSpec, "qat": QATSpec,
-                              "domain_routing": DomainRoutingSpec}
+                              "domain_routing": DomainRoutingSpec, "lora": LoraSettings}
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

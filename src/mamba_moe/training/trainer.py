@@ -4,7 +4,9 @@ One ``Trainer`` per run. ``setup()`` builds everything (so tests can reach in be
 ``train(resume=True)`` continues from the newest complete checkpoint with bitwise-identical results on CPU.
 What the loop does not decide lives beside it: the objective and distillation set-up (``objective.py``),
 DDP / FSDP2 / compile / activation checkpointing (``parallelize.py``, one object the loop calls wherever
-the strategies differ), checkpoint files (``checkpoint.py``), the output-directory lock (``run_lock.py``).
+the strategies differ), checkpoint files (``checkpoint.py``), the output-directory lock (``run_lock.py``),
+LoRA adapters (``growth/lora.py``: applied to the --checkpoint base before the optimizer exists, saved in
+PEFT's format beside the merged model, restored on resume).
 
 A step whose loss or gradient norm is not finite never reaches ``optimizer.step()``; weights that became
 non-finite anyway (an update that overflowed) are never saved. Either way the run stops with
@@ -31,6 +33,8 @@ from ..checkpoint_dirs import CheckpointError, incomplete_reason, step_dirs
 from ..config import MambaMoEConfig
 from ..data.tokenizer import vocab_size_of
 from ..devices import resolve_device
+from ..growth.checkpoint import read_history, write_history
+from ..growth.lora import is_adapter_dir
 from ..model import MambaMoEForCausalLM
 from ..ops.cross_entropy import IGNORE_INDEX
 from ..validation import ConfigError
@@ -70,6 +74,7 @@ class TrainResult:
     shards: Path | None = None
     tokens_per_s: float = 0.0
     quantized: Path | None = None                        # QAT: the converted (quantized-weights) checkpoint
+    stopped_early: bool = False                          # the time limit ended this call before max_steps
 
 
 class Trainer:
@@ -114,6 +119,10 @@ class Trainer:
         self.tokenizer, self.shards = self.data.tokenizer, self.data.shards
         self.train_ds = self.data.train_ds
         self.model = self._build_model()
+        # growth.json of a grown --checkpoint goes into every checkpoint of this run (resume: the resumed one's)
+        self.growth_history = read_history(self.init_dir) if self.init_dir is not None else []
+        if cfg.lora is not None:
+            self._apply_lora()
         self.qat_names: list[str] = []
         if cfg.qat is not None:
             from .qat import prepare_qat
@@ -123,11 +132,25 @@ class Trainer:
         keep = {name for name, p in self.model.named_parameters() if no_decay(name, p)}  # before sharding
         self.plan: Parallel = parallelize(self.model, cfg, self.dist, self.device, self.amp)
         self.parallel = self.plan.name
+        if cfg.lora is not None and self.parallel == "fsdp":  # distributed: auto picks FSDP for large models
+            raise ConfigError("lora: not supported with FSDP (distributed: auto chose it for this model's size); set "
+                              "distributed: ddp")
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), self.device,
                                          no_decay_names=keep)
         self.objective = build_objective(cfg, self.data, self.plan.forward, self.device, self.amp, expert_table,
                                          self.init_dir)
         return self
+
+    def _apply_lora(self) -> None:
+        """Adapters on the --checkpoint base, before the optimizer is built: only they require grad, so the
+        optimizer holds only them (``param_groups`` skips frozen parameters)."""
+        from ..growth.lora import apply_lora
+
+        if self.init_dir is None:
+            raise ConfigError("lora: needs the base model to adapt: --checkpoint BASE (or init_from: BASE in the "
+                              "config; on --resume give the same base again)")
+        apply_lora(self.model, self.cfg.lora, base_path=self.init_dir)
+        self.model.to(self.device)
 
     def _claim_output(self) -> None:
         """Lock the output directory (main rank); every rank learns whether that worked, so a refused
@@ -285,12 +308,28 @@ class Trainer:
             return path
         state = {"step": self.step, "optimizer": optimizer, "loader": self.data.state_dict(), "rng": rng_state(),
                  "parallel": self.parallel}
+        if self.cfg.lora is not None:
+            # model.safetensors: the adapted model with the adapter folded in, so generate / eval / export read
+            # a LoRA run's checkpoint as any other; the adapter itself beside it in PEFT's format.
+            from ..growth.lora import merged_copy
+
+            weights = merged_copy(self.model).state_dict()
         path = save_checkpoint(self.ckpt_root, self.step, self.model, self.tokenizer, state,
                                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.cfg.keep_last,
-                               weights=weights)
+                               weights=weights, extra_files=self._write_side_files)
         self.last_checkpoint = path
         barrier(self.dist)
         return path
+
+    def _write_side_files(self, directory: Path) -> None:
+        """What a checkpoint of this run holds beyond the trainer's own files: the LoRA adapter (PEFT's format +
+        the base's fingerprint) and the growth history of the model it started from."""
+        if self.cfg.lora is not None:
+            from ..growth.lora import write_lora_files
+
+            write_lora_files(self.model, directory)
+        if self.growth_history:
+            write_history(directory, self.growth_history)
 
     def resume(self) -> Path:
         """Load the newest checkpoint that is complete and readable; damaged newer ones are skipped, saying
@@ -312,7 +351,19 @@ class Trainer:
                     self.log(f"--resume: skipping {path}: {reason}; falling back to the previous checkpoint")
                 continue
             self.plan.check_resumable(state.get("parallel", "none"), path)
-            self.plan.load(weights, self.optimizer, state["optimizer"], str(path))
+            if self.cfg.lora is not None:
+                # The base came from --checkpoint (restore_lora checks it is the adapter's base); the saved
+                # weights are the merged ones, so only the adapter and the optimizer over it are loaded.
+                from ..growth.lora import restore_lora
+
+                restore_lora(self.model, path)
+                self.optimizer.load_state_dict(state["optimizer"])
+            elif is_adapter_dir(path):
+                raise ConfigError(f"--resume: {path} is a checkpoint of a LoRA run; keep the config's lora section "
+                                  "(and --checkpoint BASE) to resume it")
+            else:
+                self.plan.load(weights, self.optimizer, state["optimizer"], str(path))
+            self.growth_history = read_history(path)
             self.data.load_state_dict(state["loader"])
             set_rng_state(state["rng"])
             self.step = int(state["step"])
@@ -335,11 +386,19 @@ class Trainer:
         with atomic_directory(path) as tmp:
             write_weights(tmp, copy.config, copy.state_dict())
             self.tokenizer.save_pretrained(str(tmp))
+            if self.growth_history:
+                write_history(tmp, self.growth_history)
         return path
 
     def inference_model(self, checkpoint: Path | None = None) -> MambaMoEForCausalLM:
         """A model this process can run alone (for the sample): the live model, or with FSDP the
         checkpoint's weights in a plain model."""
+        if self.cfg.lora is not None:  # the checkpoint holds the merged model: the fast decoders read raw weights
+            from ..growth.lora import merged_copy
+
+            path = checkpoint or self.last_checkpoint
+            return (MambaMoEForCausalLM.from_pretrained(path, device=self.device) if path is not None
+                    else merged_copy(self.model))
         return self.plan.standalone_model(checkpoint or self.last_checkpoint)
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -349,17 +408,22 @@ class Trainer:
         raise TrainingDiverged(f"{what} is {value} at step {step}; stopped{saved}. Last good checkpoint: "
                                + (f"{where} (resume with --resume)" if where else "none written yet"))
 
-    def train(self, resume: bool = False, until: int | None = None) -> TrainResult:
-        """Train to ``max_steps`` (or stop early at step ``until``, saving there). Raises
+    def train(self, resume: bool = False, until: int | None = None,
+              time_limit_s: float | None = None) -> TrainResult:
+        """Train to ``max_steps`` (or stop early at step ``until``, saving there). With ``time_limit_s``,
+        stop at the first step that ends after that many seconds of this call and save there too
+        (``result.stopped_early``), so a run in time-boxed slices continues with ``resume=True``. Raises
         :class:`TrainingDiverged` on a non-finite loss, gradient or weight, after leaving the last good
         checkpoint in place. Holds the output directory's lock until it returns."""
+        if time_limit_s is not None and not time_limit_s > 0:
+            raise ConfigError(f"time limit: must be > 0 seconds, got {time_limit_s}")
         try:
             self._claim_output()
-            return self._train(resume, until)
+            return self._train(resume, until, time_limit_s)
         finally:
             self.lock.release()
 
-    def _train(self, resume: bool, until: int | None) -> TrainResult:
+    def _train(self, resume: bool, until: int | None, time_limit_s: float | None = None) -> TrainResult:
         cfg = self.cfg
         self.last_checkpoint = None
         main = self.dist.is_main
@@ -380,6 +444,9 @@ class Trainer:
         bar = _progress(cfg, self.step, stop) if main else None
         metrics = MetricsWriter(self.out, main, cfg.tensorboard)
         start, start_step = time.perf_counter(), self.step
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             while self.step < stop:
                 t0 = time.perf_counter()
@@ -387,7 +454,15 @@ class Trainer:
                 if not rec["finite"]:
                     self._diverged(rec.get("what", "loss"), rec["loss"], rec["step"], metrics)
                 rec["tokens_per_s"] = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                if cuda:  # the study's memory column; reset at the start of each call of train()
+                    rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 del rec["finite"]
+                # Every rank takes the same decision (rank 0's clock), or a rank would wait in a collective.
+                out_of_time = time_limit_s is not None and _agree(
+                    time.perf_counter() - start >= time_limit_s, self.dist, self.device)
+                if out_of_time and self.step < stop:
+                    stop = self.step
+                    result.stopped_early = True
                 result.losses.append(rec["loss"])
                 if self.step % cfg.eval_every == 0 or self.step == stop:
                     val = self.evaluate()
@@ -424,6 +499,11 @@ class Trainer:
         if self.qat_names and self.step == cfg.max_steps and main:
             result.quantized = self.save_quantized()
         return result
+
+
+def _agree(flag: bool, dist: DistInfo, device: torch.device) -> bool:
+    """True on every rank when it is true on any (one rank's slow clock cannot leave the others waiting)."""
+    return sum_across_ranks(float(flag), dist, device) > 0 if dist.enabled else flag
 
 
 def _add(total: Tensor | None, value: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Our checkpoint directory, through the batched inference ``Engine`` (generation) and the model (scoring)."""
+"""Our checkpoint directory, through the batched inference ``Engine`` (generation) and the model (scoring,
+batched with padding where the router allows it: ``scoring.score_units``)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ class CheckpointBackend(Backend):
     can_score = True
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", max_batch: int = 16,
-                 decoder: str = "model") -> None:
+                 decoder: str = "model", batch_scoring: bool = True) -> None:
         from ...inference import load_engine
 
         self.path = Path(path)
+        self.batch_scoring = batch_scoring   # False: score one sequence at a time (the reference path)
         self.engine = load_engine(self.path, device=device, dtype=dtype, decoder=decoder, max_batch=max_batch)
         self.max_context = self.engine.max_context
         from ...data.tokenizer import raw_copy, special_ids
@@ -81,11 +83,35 @@ class CheckpointBackend(Backend):
         with torch.inference_mode():
             return model(torch.tensor([ids], dtype=torch.long, device=device), router_stats=False).logits[0].cpu()
 
+    def batch_logits(self, inputs: list[list[int]], keep: int) -> torch.Tensor:
+        """Logits (b, keep, V) of the last ``keep`` positions of each input, left-padded under a mask: the
+        model's mask keeps padding out of attention, the Mamba2 state and the conv, and positions count
+        real tokens only, so each row is computed as if alone (to rounding)."""
+        model = self.engine.model
+        device = next(model.parameters()).device
+        width = max(len(ids) for ids in inputs)
+        ids = torch.zeros(len(inputs), width, dtype=torch.long)
+        mask = torch.zeros(len(inputs), width, dtype=torch.bool)
+        for row, seq in enumerate(inputs):
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = True
+        with torch.inference_mode():
+            return model(ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep,
+                         router_stats=False).logits.cpu()
+
+    @property
+    def _batch_fn(self):
+        # Switch's expert capacity counts every token of a batch, so padding and neighbours would change
+        # which tokens overflow: those models score one sequence at a time
+        return self.batch_logits if self.batch_scoring and self.engine.model.config.moe_router != "switch" else None
+
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[Loglikelihood]:
-        return loglikelihoods(self.logits, self.encode_text, self.prefix_id, self.max_context, pairs)
+        return loglikelihoods(self.logits, self.encode_text, self.prefix_id, self.max_context, pairs,
+                              batch_logits_fn=self._batch_fn)
 
     def rolling_loglikelihood(self, texts: Sequence[str]) -> list[RollingScore]:
-        return rolling(self.logits, self.encode_text, self.prefix_id, self.max_context, texts)
+        return rolling(self.logits, self.encode_text, self.prefix_id, self.max_context, texts,
+                       batch_logits_fn=self._batch_fn)
 
     def close(self) -> None:
         self.engine = None  # type: ignore[assignment]

@@ -2,9 +2,15 @@
 chat template and batching. Imported only when MODEL is a ``.gguf`` file.
 
 Greedy is temperature 0 with every other filter off (top-k 0, top-p 1, min-p 0, no repeat penalty),
-so it matches the other backends' argmax decoding. Scoring reads llama.cpp's logits of every position
-(``logits_all``), through the same windows as the other backends; that needs a second llama.cpp context
-(``logits_all`` keeps an n_ctx x vocabulary array and slows every evaluation), made on the first scoring call.
+so it matches the other backends' argmax decoding. Plain prompts are decoded by ``Llama.generate`` (llama.cpp's
+sampler, token by token) with the stop strings, token limit and text decoding done here, as the engine
+does them: ``create_completion`` drops bytes that are not valid UTF-8 (``errors="ignore"``) where the other
+backends write U+FFFD, runs past ``max_tokens`` to finish a multi-byte character, and for some hybrid
+models stops with "llama_decode returned 1" partway through an answer (0.3.36), all of which
+``generate`` avoids. Chats go through ``create_chat_completion`` (the file's own template).
+Scoring reads llama.cpp's logits of every position (``logits_all``), through the same windows as the other
+backends; that needs a second llama.cpp context (``logits_all`` keeps an n_ctx x vocabulary array and slows
+every evaluation), made on the first scoring call.
 """
 
 from __future__ import annotations
@@ -40,24 +46,57 @@ class GGUFBackend(Backend):
         self.info = BackendInfo("gguf", str(self.path.resolve()), {"llama_cpp_python": llama_cpp.__version__,
                                                                    "n_ctx": self.max_context})
 
+    def _complete(self, request: GenRequest) -> GenResult:
+        """A plain prompt through ``Llama.generate``: the prompt's tokens as ``create_completion`` makes them
+        (BOS/EOS only where the file says so, special tokens parsed), end-of-generation tokens, stop strings
+        and the context's end handled like the engine (prompt + answer <= n_ctx)."""
+        import llama_cpp
+
+        prompt = self.llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
+        room = self.max_context - len(prompt)
+        if not prompt or room < 1:
+            return GenResult("", "error", f"prompt: {len(prompt)} tokens, the context holds {self.max_context}")
+        if request.seed is not None:
+            self.llm.set_seed(request.seed)
+        limit, answer, text, reason = min(request.max_tokens, room), [], "", "length"
+        vocab = self.llm._model.vocab
+        for token in self.llm.generate(prompt, temp=request.temperature, top_k=0, top_p=1.0, min_p=0.0,
+                                       repeat_penalty=1.0, reset=True):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                reason = "stop"
+                break
+            answer.append(token)
+            text = self.llm.detokenize(answer, prev_tokens=prompt).decode("utf-8", errors="replace")
+            cut = truncate_at_stops(text, request.stop)
+            if len(cut) < len(text):
+                text, reason = cut, "stop"
+                break
+            if len(answer) >= limit:   # stop before the generator feeds this token back (n_ctx may be full)
+                break
+        return GenResult(text, reason)
+
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         out = []
         for request in requests:
+            if request.prompt is not None:
+                out.append(self._complete(request))
+                continue
             kwargs = {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_k": 0,
                       "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "stop": list(request.stop) or None}
             if request.seed is not None:
                 kwargs["seed"] = request.seed
             try:
-                if request.messages is not None:
-                    response = self.llm.create_chat_completion(messages=request.message_dicts(), **kwargs)
-                    choice = response["choices"][0]
-                    text = choice["message"]["content"] or ""
-                else:
-                    response = self.llm.create_completion(prompt=request.prompt, **kwargs)
-                    choice = response["choices"][0]
-                    text = choice["text"]
+                response = self.llm.create_chat_completion(messages=request.message_dicts(), **kwargs)
+                choice = response["choices"][0]
+                text = choice["message"]["content"] or ""
             except ValueError as err:   # llama-cpp-python: "Requested tokens (...) exceed context window"
                 out.append(GenResult("", "error", str(err)))
+                continue
+            except RuntimeError as err:
+                # llama-cpp-python feeds back the token that fills n_ctx exactly ("llama_decode returned 1"):
+                # a failed sample, not a dead harness
+                out.append(GenResult("", "error", f"llama.cpp: {err} (the answer reached n_ctx "
+                                                  f"{self.max_context})"))
                 continue
             out.append(GenResult(truncate_at_stops(text, request.stop), choice.get("finish_reason") or "stop"))
         return out

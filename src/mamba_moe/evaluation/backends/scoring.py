@@ -3,9 +3,14 @@
 A scoring *unit* is a token list and how many of its last tokens to score: the model reads
 ``tokens[:-1]`` and the log-probability of each of the last ``n`` tokens is summed. Continuations
 given a context and windows of a long document (``base.rolling_windows``) both become units, so the
-lm-eval adapter and the ``ppl`` task share one code path. Units run one at a time: batching with
-padding would change nothing for per-token routers but would for capacity-limited ones, and exact
-numbers matter more here than speed.
+lm-eval adapter and the ``ppl`` task share one code path.
+
+Units run one at a time (``logits_fn``, the reference), or in batches when the backend gives a
+``batch_logits_fn``: units sorted by length, left-padded with a mask, at most ``max_batch`` rows and
+``max_tokens`` padded tokens a batch, and only the last ``max(n)`` positions' logits computed. A
+backend offers batching only where padding cannot change a number: for per-token routers, not for
+Switch, whose expert capacity counts every token of the batch. Batched and one-by-one scores agree to
+rounding (``tests/evaluation/test_batched_scoring.py``).
 """
 
 from __future__ import annotations
@@ -18,18 +23,55 @@ from ..errors import EvalError
 from .base import Loglikelihood, RollingScore, check_finite, rolling_windows, split_pair
 
 LogitsFn = Callable[[list[int]], torch.Tensor]   # ids (l,) -> logits (l, V) of the next token at each position
+# id lists (one model input each) and k -> logits (b, k, V) of the last k positions of each input
+BatchLogitsFn = Callable[[list[list[int]], int], torch.Tensor]
+MAX_BATCH = 16
+MAX_TOKENS = 4096   # padded tokens per batch: bounds the (b, k, V) logits too (V = 32k: 0.5 GB in float32)
+
+
+def _score_logits(logits: torch.Tensor, targets: Sequence[int]) -> tuple[float, bool]:
+    """(sum of log P(target), all targets the argmax) from logits (n, V) predicting ``targets`` (n,)."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    index = torch.tensor(list(targets), dtype=torch.long)
+    chosen = logprobs.gather(-1, index[:, None])[:, 0]
+    return float(chosen.sum()), bool((logprobs.argmax(-1) == index).all())
+
+
+def _check_unit(tokens: Sequence[int], n: int) -> None:
+    if not 1 <= n < len(tokens):
+        raise ValueError(f"score_unit: need 1 <= n < {len(tokens)} tokens, got n={n}")
 
 
 def score_unit(logits_fn: LogitsFn, tokens: Sequence[int], n: int) -> tuple[float, bool]:
     """(sum of log P(token) over the last ``n`` tokens, whether each is the argmax) with ``tokens[:-1]`` as input."""
-    if not 1 <= n < len(tokens):
-        raise ValueError(f"score_unit: need 1 <= n < {len(tokens)} tokens, got n={n}")
-    logits = logits_fn(list(tokens[:-1]))[-n:].double()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    targets = torch.tensor(tokens[-n:], dtype=torch.long)
-    chosen = logprobs.gather(-1, targets[:, None])[:, 0]
-    greedy = bool((logprobs.argmax(-1) == targets).all())
-    return float(chosen.sum()), greedy
+    _check_unit(tokens, n)
+    return _score_logits(logits_fn(list(tokens[:-1]))[-n:], tokens[-n:])
+
+
+def score_units(logits_fn: LogitsFn, units: Sequence[tuple[Sequence[int], int]],
+                batch_logits_fn: BatchLogitsFn | None = None, max_batch: int = MAX_BATCH,
+                max_tokens: int = MAX_TOKENS) -> list[tuple[float, bool]]:
+    """``score_unit`` of every (tokens, n), in order: one at a time, or batched through ``batch_logits_fn``."""
+    for tokens, n in units:
+        _check_unit(tokens, n)
+    if batch_logits_fn is None:
+        return [score_unit(logits_fn, tokens, n) for tokens, n in units]
+    order = sorted(range(len(units)), key=lambda i: -len(units[i][0]))   # longest first: little padding
+    results: list[tuple[float, bool] | None] = [None] * len(units)
+    start = 0
+    while start < len(order):
+        longest = len(units[order[start]][0]) - 1
+        end = start + 1
+        while end < len(order) and end - start < max_batch and (end - start + 1) * longest <= max_tokens:
+            end += 1
+        group = order[start:end]
+        keep = max(units[i][1] for i in group)
+        logits = batch_logits_fn([list(units[i][0][:-1]) for i in group], keep)
+        for row, i in enumerate(group):
+            tokens, n = units[i]
+            results[i] = _score_logits(logits[row, keep - n:], tokens[-n:])
+        start = end
+    return results  # type: ignore[return-value]
 
 
 def pair_unit(encode: Callable[[str], list[int]], prefix_id: int, max_len: int, context: str,
@@ -47,27 +89,26 @@ def pair_unit(encode: Callable[[str], list[int]], prefix_id: int, max_len: int, 
 
 
 def loglikelihoods(logits_fn: LogitsFn, encode: Callable[[str], list[int]], prefix_id: int, max_len: int,
-                   pairs: Sequence[tuple[str, str]]) -> list[Loglikelihood]:
-    out = []
-    for context, continuation in pairs:
-        tokens, n = pair_unit(encode, prefix_id, max_len, context, continuation)
-        logprob, greedy = score_unit(logits_fn, tokens, n)
-        out.append(Loglikelihood(check_finite(logprob, "loglikelihood"), greedy, n))
-    return out
+                   pairs: Sequence[tuple[str, str]],
+                   batch_logits_fn: BatchLogitsFn | None = None) -> list[Loglikelihood]:
+    units = [pair_unit(encode, prefix_id, max_len, context, continuation) for context, continuation in pairs]
+    scores = score_units(logits_fn, units, batch_logits_fn)
+    return [Loglikelihood(check_finite(logprob, "loglikelihood"), greedy, n)
+            for (logprob, greedy), (_, n) in zip(scores, units, strict=True)]
 
 
 def rolling(logits_fn: LogitsFn, encode: Callable[[str], list[int]], prefix_id: int, max_len: int,
-            texts: Sequence[str]) -> list[RollingScore]:
-    out = []
-    for text in texts:
+            texts: Sequence[str], batch_logits_fn: BatchLogitsFn | None = None) -> list[RollingScore]:
+    units, owner, lengths = [], [], []
+    for index, text in enumerate(texts):
         ids = encode(text)
-        if not ids:
-            out.append(RollingScore(0.0, 0))
-            continue
+        lengths.append(len(ids))
         seq = [prefix_id] + ids
-        nll = 0.0
         for in_start, start, end in rolling_windows(len(ids), max_len):
-            logprob, _ = score_unit(logits_fn, seq[in_start:end + 1], end - start)
-            nll -= logprob
-        out.append(RollingScore(check_finite(nll, "rolling loglikelihood"), len(ids)))
-    return out
+            units.append((seq[in_start:end + 1], end - start))
+            owner.append(index)
+    nll = [0.0] * len(texts)
+    for index, (logprob, _) in zip(owner, score_units(logits_fn, units, batch_logits_fn), strict=True):
+        nll[index] -= logprob
+    return [RollingScore(check_finite(value, "rolling loglikelihood") if tokens else 0.0, tokens)
+            for value, tokens in zip(nll, lengths, strict=True)]

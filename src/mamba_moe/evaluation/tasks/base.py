@@ -31,12 +31,20 @@ Request = GenRequest | RollingRequest
 Output = GenResult | RollingScore
 
 
+MODEL = "model"   # Item.backend of the model under evaluation
+
+
 @dataclass
 class Item:
+    """One request and what counts as right. ``backend``: who answers it, the model under evaluation or a
+    helper the task names in ``Task.helpers`` (a judge); ``meta`` keys starting with ``_`` stay out of the
+    sample records (they are still part of the cache key)."""
+
     id: str
     request: Request
     target: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    backend: str = MODEL
 
 
 @dataclass(frozen=True)
@@ -113,9 +121,29 @@ class Task(ABC):
         """What the report states about how the task ran (also part of each sample's cache key)."""
         return {"mode": "chat" if self.chat else "base", "seed": self.seed, **self.options}
 
+    def cache_settings(self) -> dict[str, Any]:
+        """The settings that make a sample (part of its cache key); by default all of ``settings``. A task
+        leaves out settings that only some of its items depend on (a judge's name: answers do not)."""
+        return self.settings()
+
+    def helpers(self) -> dict[str, str]:
+        """Other models the task asks, by name (e.g. {"judge": MODEL}); ``"self"`` is the model under
+        evaluation. The runner opens each one (once per run) and hands them over through ``attach``."""
+        return {}
+
+    def attach(self, helpers: dict[str, Backend]) -> None:
+        """The opened helper backends (the runner calls this before ``items``)."""
+        self.helper_backends = helpers
+
     @abstractmethod
     def items(self, backend: Backend, limit: int | None) -> list[Item]:
         """The items to run, in a fixed order (``limit``: the first ``limit`` of them)."""
+
+    def followups(self, finished: Sequence[tuple[Item, dict[str, Any]]]) -> list[Item]:
+        """Items that need the answers of others (a second turn sees the first answer, a judge both), built
+        from the (item, record) pairs of the last round, in order; the runner runs rounds until this is
+        empty. Each follow-up's request holds what it depends on, so its cache key changes with it."""
+        return []
 
     @abstractmethod
     def score(self, items: Sequence[Item], outputs: Sequence[Output]) -> list[dict[str, Any]]:

@@ -99,30 +99,58 @@ class DecodeBatch:
         return max((r.remaining for r in rows), default=0)
 
     def add(self, requests: list[Request]) -> list[StreamEvent]:
-        """Prefill ``requests`` together and join them to the batch; returns their first events."""
+        """Prefill ``requests`` and join them to the batch; returns their first events.
+
+        New prompts are prefilled together on a fresh cache; a request with a ``start_cache`` (a chat
+        continuing from its kept state) is prefilled alone on that cache, then merged like the others.
+        """
         if not requests:
             return []
         for r in requests:
             if not r.prompt_ids:
                 raise ValueError(f"request {r.request_id}: empty prompt; give at least one token")
+            if r.start_cache is not None and r.start_cache.batch_size != 1:
+                raise ValueError(f"request {r.request_id}: start_cache holds {r.start_cache.batch_size} rows; "
+                                 "a request continues one sequence")
+        fresh = [r for r in requests if r.start_cache is None]
+        events: list[StreamEvent] = []
         with torch.inference_mode():
-            cache = self.model.new_cache(len(requests), device=self.device, dtype=self.dtype)
-            cache.reserve(max(len(r.prompt_ids) for r in requests) + self._remaining(requests))
-            logits = self.prefill([r.prompt_ids for r in requests], cache)
-            events = self._accept(logits, requests)
-            alive = [i for i, r in enumerate(requests) if not r.finished]
-            if alive:
-                rows = [requests[i] for i in alive]
-                if len(alive) < len(requests):
-                    cache = cache.select_rows(alive, cache.seen_tokens + self._remaining(rows))
-                if self.cache is None:
-                    self.cache, self.rows = cache, rows
-                else:
-                    merged = self.rows + rows
-                    reserve = max(self.cache.seen_tokens, cache.seen_tokens) + self._remaining(merged)
-                    self.cache = HybridCache.concat([self.cache, cache], reserve)
-                    self.rows = merged
+            if fresh:
+                cache = self.model.new_cache(len(fresh), device=self.device, dtype=self.dtype)
+                cache.reserve(max(len(r.prompt_ids) for r in fresh) + self._remaining(fresh))
+                events += self._join(self.prefill([r.prompt_ids for r in fresh], cache), cache, fresh)
+            for r in requests:
+                if r.start_cache is not None:
+                    cache, r.start_cache = r.start_cache, None   # the batch owns it from here
+                    cache.reserve(cache.seen_tokens + len(r.prompt_ids) + r.remaining)
+                    events += self._join(self.prefill([r.prompt_ids], cache), cache, [r])
         return events
+
+    def _join(self, logits: Tensor, cache: HybridCache, requests: list[Request]) -> list[StreamEvent]:
+        """Sample the first tokens of freshly prefilled ``requests`` and merge their live rows into the batch."""
+        events = self._accept(logits, requests)
+        self._keep_finished(cache, requests)
+        alive = [i for i, r in enumerate(requests) if not r.finished]
+        if not alive:
+            return events
+        rows = [requests[i] for i in alive]
+        if len(alive) < len(requests):
+            cache = cache.select_rows(alive, cache.seen_tokens + self._remaining(rows))
+        if self.cache is None:
+            self.cache, self.rows = cache, rows
+        else:
+            merged = self.rows + rows
+            reserve = max(self.cache.seen_tokens, cache.seen_tokens) + self._remaining(merged)
+            self.cache = HybridCache.concat([self.cache, cache], reserve)
+            self.rows = merged
+        return events
+
+    @staticmethod
+    def _keep_finished(cache: HybridCache | None, rows: list[Request]) -> None:
+        """Hand finished rows that asked for it (``keep_cache``) their own decode state, before they leave."""
+        for i, r in enumerate(rows):
+            if r.finished and r.keep_cache and r.final_cache is None and cache is not None:
+                r.final_cache = cache.select_rows([i])
 
     def step(self) -> list[StreamEvent]:
         """Decode one token for every active request; finished ones leave the batch."""
@@ -135,6 +163,7 @@ class DecodeBatch:
             else:
                 logits = self._last_logits(tokens, None, self.cache)
             events = self._accept(logits, self.rows)
+            self._keep_finished(self.cache, self.rows)
             self._drop_finished()
         return events
 
@@ -143,6 +172,7 @@ class DecodeBatch:
         events = [r.cancel() for r in self.rows if r.request_id in request_ids and not r.finished]
         if events:
             with torch.inference_mode():
+                self._keep_finished(self.cache, self.rows)
                 self._drop_finished()
         return events
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ...model.cache import HybridCache
 from ...model.lm import MambaMoEForCausalLM
 from .batch import DecodeBatch
 from .checkpoint import end_token_ids, load_checkpoint, parse_device, parse_dtype
@@ -109,20 +110,33 @@ class Engine:
             raise ValueError("messages: chat needs a tokenizer")
         return self.prompts.chat(messages, max_tokens, max_messages)
 
-    def request(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
-        """A validated request for the batch; errors (ValueError) name what is wrong."""
+    def request(self, prompt: Prompt, params: SamplingParams | None = None, *, cache: HybridCache | None = None,
+                keep_cache: bool = False) -> Request:
+        """A validated request for the batch; errors (ValueError) name what is wrong.
+
+        ``cache``: a one-row decode state to continue (the prompt is then only the new tokens; the cache is
+        advanced in place, so pass a clone to keep it). ``keep_cache``: the finished request's
+        ``final_cache`` holds its decode state, to continue from next time (``memory/working.py``).
+        """
         params = params or SamplingParams()
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("prompt: empty; give at least one token")
-        if len(ids) >= self.max_context:
-            raise ValueError(f"prompt: {len(ids)} tokens, but the context holds {self.max_context} "
+        past = 0
+        if cache is not None:
+            if cache.batch_size != 1:
+                raise ValueError(f"cache: holds {cache.batch_size} rows; a request continues one sequence")
+            past = int(cache.positions[0])
+        if past + len(ids) >= self.max_context:
+            held = f" on top of the {past} already in the cache" if past else ""
+            raise ValueError(f"prompt: {len(ids)} tokens{held}, but the context holds {self.max_context} "
                              "(prompt + output); shorten the prompt")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.end_ids)
         return Request(ids, params, stop_ids=stop_ids, tokenizer=self.tokenizer,
-                       vocab_size=self.model.config.vocab_size, max_length=self.max_context)
+                       vocab_size=self.model.config.vocab_size, max_length=self.max_context,
+                       start_cache=cache, past_tokens=past, keep_cache=keep_cache)
 
     # ---- running ---------------------------------------------------------------------------------
     def run(self, requests: list[Request]) -> Iterator[StreamEvent]:

@@ -64,6 +64,11 @@ class PromptEncoder:
         ids = encode_chat_prompt(lambda text: self._encode(self._content, text), self.special, clean)
         return self._check(ids, "messages", max_tokens)
 
+    def content(self, text: str) -> list[int]:
+        """Ids of ``text`` as chat content (special-token strings stay text): the pieces a chat kept across
+        turns appends between the template's markers (``memory/working.py``)."""
+        return self._encode(self._content, check_text(text, "content"))
+
     @staticmethod
     def _encode(tokenizer: Any, text: str) -> list[int]:
         return tokenizer.encode_batch_fast([text], add_special_tokens=False)[0].ids

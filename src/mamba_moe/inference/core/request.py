@@ -61,6 +61,12 @@ class Request:
 
     ``stop_ids`` are the end tokens (the tokenizer's end-of-text and end-of-turn, plus the request's own
     ``stop_token_ids``); ``max_length`` caps prompt + output (the model's context).
+
+    ``start_cache``: a one-row ``HybridCache`` that already holds ``past_tokens`` tokens (a chat's earlier
+    turns, ``memory/working.py``); the prompt is then only the new tokens, fed on top of it (the cache is
+    advanced in place: pass a clone to keep it). ``keep_cache``: when the request finishes, ``final_cache``
+    is its own one-row decode state: everything fed, i.e. the past, the prompt and the output except its
+    last token (sampled, never fed).
     """
 
     prompt_ids: list[int]
@@ -70,8 +76,12 @@ class Request:
     vocab_size: int = 0
     max_length: int | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
+    start_cache: Any = field(default=None, repr=False)
+    past_tokens: int = 0
+    keep_cache: bool = False
 
     def __post_init__(self) -> None:
+        self.final_cache: Any = None
         self.output_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -98,7 +108,7 @@ class Request:
         """Tokens this request may still generate: max_tokens, capped by the context."""
         left = self.params.max_tokens - len(self.output_ids)
         if self.max_length is not None:
-            left = min(left, self.max_length - len(self.prompt_ids) - len(self.output_ids))
+            left = min(left, self.max_length - self.past_tokens - len(self.prompt_ids) - len(self.output_ids))
         return max(left, 0)
 
     def choose(self, logits: Tensor) -> int:
@@ -124,7 +134,7 @@ class Request:
         delta = self.stops.add(self.decoder.push(token)) if self.decoder is not None else ""
         if self.stops.stopped:
             return self._finish("stop", [token], delta)
-        total = len(self.prompt_ids) + len(self.output_ids)
+        total = self.past_tokens + len(self.prompt_ids) + len(self.output_ids)
         if len(self.output_ids) >= self.params.max_tokens or (self.max_length is not None
                                                                and total >= self.max_length):
             return self._finish("length", [token], delta)

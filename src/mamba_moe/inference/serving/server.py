@@ -13,6 +13,9 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with SS
    A client that disconnects is noticed at once (a task waits for the ASGI disconnect message) and its
    rows leave the batch at the next step; ``request_timeout_s`` bounds the whole request.
 
+With ``memory`` (``serve --memory DB``), a chat request's ``user`` gets that user's memory: retrieval into
+the prompt at stage 2, writes after the reply (``memory.py``).
+
 FastAPI and uvicorn are imported only here: ``pip install 'mamba-moe[serve]'``.
 """
 
@@ -30,6 +33,7 @@ from typing import Any
 
 from ..core.engine import Engine
 from . import openai_api as api
+from .memory import MemoryTurn, ServerMemory
 from .worker import BusyError, Job, Worker
 
 try:  # optional dependencies: the rest of the package works without them
@@ -62,8 +66,9 @@ def _timed_out(limits: api.Limits) -> api.APIError:
 
 
 def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None, max_batch: int = 8,
-               max_queue: int = 64) -> Any:
-    """The ASGI app; its worker thread and prompt threads start and stop with the app's lifespan."""
+               max_queue: int = 64, memory: ServerMemory | None = None) -> Any:
+    """The ASGI app; its worker thread and prompt threads start and stop with the app's lifespan (and the
+    ``memory``'s writer is flushed and its store closed when it ends)."""
     _require_web()
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -80,6 +85,8 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
         yield
         worker.stop()
         prompt_pool.shutdown(wait=False, cancel_futures=True)
+        if memory is not None:
+            memory.close()
 
     app = FastAPI(title="mamba-moe", lifespan=lifespan)
     app.state.worker = worker
@@ -105,7 +112,10 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "running": len(worker.batch), "queued": worker.inbox.qsize()}
+        out = {"status": "ok", "model": model_name, "running": len(worker.batch), "queued": worker.inbox.qsize()}
+        if memory is not None:
+            out["memory"] = memory.health()
+        return out
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -156,10 +166,23 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
         except (TimeoutError, ClientDisconnect):
             return  # the budget is spent or the client left: answer and close now
 
-    def prepare(raw: bytes, chat: bool) -> tuple[api.ParsedRequest, list[Any]]:
-        """On a prompt thread: bytes -> JSON -> validated request -> one engine request per choice."""
-        parsed = api.parse_request(api.decode_body(raw), engine, limits, model_name, chat)
-        return parsed, parsed.requests(engine)
+    def prepare(raw: bytes, chat: bool) -> tuple[api.ParsedRequest, list[Any], MemoryTurn]:
+        """On a prompt thread: bytes -> JSON -> (the user's memory) -> validated request -> one engine
+        request per choice."""
+        body = api.decode_body(raw)
+        turn = MemoryTurn(None)
+        if memory is not None and chat:
+            turn = memory.prepare(body, limits.max_messages)
+        if turn.status == "on" and turn.messages is not body["messages"]:
+            try:
+                parsed = api.parse_request({**body, "messages": turn.messages}, engine, limits, model_name, chat)
+                return parsed, parsed.requests(engine), turn
+            except api.APIError as err:
+                if err.param not in ("messages", "max_tokens", "max_completion_tokens"):
+                    raise
+                turn.facts = turn.documents = 0   # the block made the prompt too long: answer without it
+        parsed = api.parse_request(body, engine, limits, model_name, chat)
+        return parsed, parsed.requests(engine), turn
 
     def logprobs_json(chat: bool, items: Any, offset: int = 0) -> Any:
         if chat:
@@ -179,7 +202,8 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
             raise api.APIError(408, f"request body: not received within {limits.request_timeout_s:g} s",
                                headers={"Connection": "close"}) from err
         try:
-            parsed, requests = await asyncio.wait_for(loop.run_in_executor(prompt_pool, prepare, raw, chat), left())
+            parsed, requests, turn = await asyncio.wait_for(loop.run_in_executor(prompt_pool, prepare, raw, chat),
+                                                            left())
         except TimeoutError as err:
             raise _timed_out(limits) from err
         jobs = [Job(r, loop) for r in requests]
@@ -191,10 +215,21 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
                 job.cancelled.set()
             raise api.APIError(503, str(err), kind="server_error", code="busy") from err
         rid = api.new_id(chat)
+        headers = turn.header() if memory is not None and chat else {}
+
+        def replied() -> None:   # the reply is complete: the memory writes may run now, off its path
+            if memory is not None:
+                memory.after_reply(turn)
+
         if parsed.stream:
-            return StreamingResponse(sse(jobs, rid, chat, len(parsed.prompt_ids), parsed.include_usage, left),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await collect(request, jobs, parsed, chat, rid, left)
+            return StreamingResponse(sse(jobs, rid, chat, len(parsed.prompt_ids), parsed.include_usage, left,
+                                         replied),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+        out = await collect(request, jobs, parsed, chat, rid, left)
+        if isinstance(out, Response):
+            return out
+        replied()
+        return JSONResponse(out, headers=headers)
 
     async def cancel_on_disconnect(request: Any, jobs: list[Job], gone: asyncio.Event) -> None:
         # Once the body is read, the next ASGI message is the disconnect: waiting for it notices a client
@@ -234,7 +269,7 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
         return api.response(chat, rid, model_name, choices, len(parsed.prompt_ids), n_out)
 
     async def sse(jobs: list[Job], rid: str, chat: bool, n_prompt: int, include_usage: bool,
-                  left: Any) -> AsyncIterator[str]:
+                  left: Any, replied: Any) -> AsyncIterator[str]:
         def data(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -273,6 +308,10 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
                 offsets[i] += len(item.text)
                 if item.finish_reason is not None:
                     done.add(i)
+            if len(done) == len(jobs):
+                # before [DONE]: a client that has read the whole stream then finds the writes queued, and one
+                # that disconnects right after [DONE] (the generator closed at that yield) loses none of them
+                replied()
             if include_usage:
                 yield data(api.chunk(chat, rid, model_name, None, None, usage_=api.usage(n_prompt, n_out)))
             yield "data: [DONE]\n\n"
@@ -295,11 +334,12 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, limits: api.Limits | None = None, *,
-          model_name: str = "mamba-moe", max_batch: int = 8, max_queue: int = 64) -> int:
+          model_name: str = "mamba-moe", max_batch: int = 8, max_queue: int = 64,
+          memory: ServerMemory | None = None) -> int:
     """Serve ``engine`` in the foreground until interrupted; ``port`` 0 picks a free port (printed)."""
     _require_web()
     limits = limits or api.Limits()
-    app = create_app(engine, model_name, limits, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(engine, model_name, limits, max_batch=max_batch, max_queue=max_queue, memory=memory)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -308,7 +348,8 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, limits: api
     print(f"mamba-moe serve: model {model_name!r} on http://{host}:{bound}/v1 "
           f"(max batch {max_batch}, max prompt {limits.prompt_tokens(engine.max_context)} tokens, "
           f"max_tokens <= {limits.max_tokens_limit}, body <= {limits.max_body_bytes} bytes, "
-          f"<= {limits.max_messages} messages, timeout {timeout})", flush=True)
+          f"<= {limits.max_messages} messages, timeout {timeout}"
+          f"{', memory ' + str(memory.store.path) if memory is not None else ''})", flush=True)
     logging.basicConfig(level=logging.INFO)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
