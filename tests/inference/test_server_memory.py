@@ -105,6 +105,10 @@ def test_users_get_their_own_memory_and_nobody_elses(checkpoint, engine, tmp_pat
         header, content = ask(client, question)                  # no user: no memory at all
         assert header == "off" and content == engine.chat([{"role": "user", "content": question}], GREEDY).text
 
+        with pytest.raises(openai.BadRequestError, match="temperature"):   # refused: it must change nothing
+            ask(client, "Please forget where I live.", "ada", extra_body={"temperature": -1})
+        with MemoryStore(db) as store:
+            assert store.current("ada", "city").value == "Paris"
         assert ask(client, "Please forget where I live.", "ada")[0].startswith("on")   # applied before the reply
         with MemoryStore(db) as store:
             assert store.history("ada", "city") == [] and store.current("bob", "city").value == "Lima"

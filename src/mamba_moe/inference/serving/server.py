@@ -170,18 +170,21 @@ def create_app(engine: Engine, model_name: str, limits: api.Limits | None = None
         """On a prompt thread: bytes -> JSON -> (the user's memory) -> validated request -> one engine
         request per choice."""
         body = api.decode_body(raw)
+        # Validated before memory sees it: a request answered with a 4xx changes nothing (a "forget ..." in
+        # a request with a bad parameter must not delete).
+        parsed = api.parse_request(body, engine, limits, model_name, chat)
         turn = MemoryTurn(None)
         if memory is not None and chat:
             turn = memory.prepare(body, limits.max_messages)
         if turn.status == "on" and turn.messages is not body["messages"]:
             try:
-                parsed = api.parse_request({**body, "messages": turn.messages}, engine, limits, model_name, chat)
-                return parsed, parsed.requests(engine), turn
+                with_memory = api.parse_request({**body, "messages": turn.messages}, engine, limits, model_name,
+                                                chat)
+                return with_memory, with_memory.requests(engine), turn
             except api.APIError as err:
                 if err.param not in ("messages", "max_tokens", "max_completion_tokens"):
                     raise
                 turn.facts = turn.documents = 0   # the block made the prompt too long: answer without it
-        parsed = api.parse_request(body, engine, limits, model_name, chat)
         return parsed, parsed.requests(engine), turn
 
     def logprobs_json(chat: bool, items: Any, offset: int = 0) -> Any:
