@@ -216,3 +216,49 @@ def test_writer_runs_jobs_in_order_and_flushes_on_close():
     assert seen[-1] == "last" and writer.failures == 1 and writer.pending == 0
     with pytest.raises(RuntimeError, match="closed"):
         writer.submit(lambda: None)
+
+
+class CountingStore:
+    """A real store that records which records each deletion check asked about, and every listing."""
+
+    def __init__(self, store):
+        self.store = store
+        self.checked: list[set[int]] = []
+        self.listings = 0
+
+    def existing_ids(self, user, ids):
+        self.checked.append(set(ids))
+        return self.store.existing_ids(user, ids)
+
+    def list(self, *args, **kwargs):
+        self.listings += 1
+        return self.store.list(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_a_turn_checks_only_new_records_while_nothing_was_deleted(engine, store, tmp_path):
+    for i in range(50):   # other memories of the user: a turn must not look at them
+        store.add("ada", f"note {i} about the garden", kind="note")
+    counting = CountingStore(store)
+    chat = MemorySession(engine, counting, "ada", options=MemoryOptions(k_facts=0, k_documents=0))
+    chat.reply("My favourite colour is green.", GREEDY)
+    chat.barrier()
+    (green,) = chat.known
+    chat.reply("Hello again.", GREEDY)            # first check: everything known
+    assert counting.checked == [{green}]
+    chat.reply("Nice weather.", GREEDY)           # nothing deleted, nothing new: no look-up at all
+    assert counting.checked == [{green}]
+    chat.reply("My favourite colour is blue.", GREEDY)
+    chat.barrier()
+    (blue,) = set(chat.known) - {green}
+    chat.reply("Hello.", GREEDY)                  # only the record learnt of since
+    assert counting.checked[1:] == [{blue}]
+    with MemoryStore(tmp_path / "memory.db") as other:      # a deletion elsewhere moves the count
+        assert other.forget("ada", ids=[green]) == 1
+    chat.reply("Hello once more.", GREEDY)        # so everything known is checked, and green purged
+    assert counting.checked[2:] == [{green, blue}]
+    assert counting.listings == 0
+    assert "green" not in context_of(chat).casefold() and set(chat.known) == {blue}
+    chat.close()

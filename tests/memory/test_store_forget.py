@@ -119,3 +119,98 @@ def test_forget_within_a_session_keeps_the_other_sessions_summaries(tmp_path):
         assert store.forget("alice", session="s3") == 0   # a session with a summary and no records
         assert store.summary("alice", "s3") is None and store.summary("alice", "s2") is not None
         assert [r.text for r in store.list("alice")] == ["I like chess"]
+
+
+def _copy_as_killed(path: Path, into: Path) -> Path:
+    """The DB and its log as a SIGKILL would leave them (no -shm: SQLite rebuilds it from the log)."""
+    into.mkdir()
+    for suffix in ("", "-wal"):
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            (into / (path.name + suffix)).write_bytes(source.read_bytes())
+    return into / path.name
+
+
+@pytest.mark.parametrize("what", ["memory", "document"])
+def test_a_scrub_blocked_by_a_reader_completes_once_the_reader_is_gone(tmp_path, fresh_seed, monkeypatch, caplog,
+                                                                       what):
+    import mamba_moe.memory.store as store_module
+
+    monkeypatch.setattr(store_module, "SCRUB_WAIT_MS", 10)   # the reader is held explicitly: no wait ends it
+    rng = random.Random(fresh_seed)
+    secret, kept = _marker(rng), _marker(rng)
+    path = tmp_path / "m.db"
+    store = MemoryStore(path)
+    for i in range(20):
+        store.add("alice", f"filler memory {i} about {kept}", kind="note")
+    in_memory, in_document = (secret, kept) if what == "memory" else (kept, secret)   # only what is forgotten
+    record = store.add("alice", f"My bank PIN is {in_memory}", slot="pin", value=in_memory)
+    doc = store.add_document("alice", "diary.md", f"Dear diary, the code is {in_document}.\n\nMore about {kept}.")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM memories").fetchone()[0] == 21   # a snapshot with the secret
+    with caplog.at_level("WARNING", logger=store_module.__name__):
+        if what == "memory":
+            assert store.forget("alice", ids=[record.id]) == 1
+        else:
+            assert store.forget_document("alice", doc) >= 1
+    assert store.scrub_pending and "scrub is pending" in caplog.text
+    assert secret.encode() in _file_bytes(path)   # the reader's snapshot still needs the old pages
+    assert all(secret not in r.text for r in store.list("alice", include_superseded=True))
+    assert all(secret not in h.text for h in store.search_documents("alice", secret, k=50))
+    killed = _copy_as_killed(path, tmp_path / "killed")   # a crash now leaves the pending mark in the file
+
+    reader.execute("COMMIT")   # the reader is gone (its connection stays open, idle)
+    store.add("alice", f"another note about {kept}", kind="note")   # the next write completes the scrub
+    assert not store.scrub_pending
+    assert secret.encode() not in _file_bytes(path) and kept.encode() in _file_bytes(path)
+    assert path.with_name(path.name + "-wal").stat().st_size == 0
+    store.close()
+    reader.close()
+    _integrity(path)
+    with MemoryStore(path) as again:   # a restart never shows it
+        assert all(secret not in h.record.text for h in again.search("alice", secret, k=50, include_superseded=True))
+
+    assert secret.encode() in _file_bytes(killed)
+    with MemoryStore(killed) as reopened:   # the next open completes the scrub a crash left pending
+        assert not reopened.scrub_pending
+        assert secret.encode() not in _file_bytes(killed)
+        assert all(secret not in h.record.text for h in reopened.search("alice", secret, k=50,
+                                                                        include_superseded=True))
+        assert all(secret not in h.text for h in reopened.search_documents("alice", secret, k=50))
+        assert len(reopened.list("alice")) == (20 if what == "memory" else 21)
+    _integrity(killed)
+
+
+def test_close_completes_a_pending_scrub(tmp_path, fresh_seed, monkeypatch):
+    import mamba_moe.memory.store as store_module
+
+    monkeypatch.setattr(store_module, "SCRUB_WAIT_MS", 10)
+    secret = _marker(random.Random(fresh_seed))
+    path = tmp_path / "m.db"
+    store = MemoryStore(path)
+    record = store.add("alice", f"My PIN is {secret}")
+    other = MemoryStore(path)                  # a second store of this DB keeps the log from closing with us
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM memories").fetchone()
+    store.forget("alice", ids=[record.id])
+    assert other.scrub_pending                 # the mark is in the DB: every connection sees it
+    reader.execute("COMMIT")
+    other.close()                              # completes it (the store is still open: no last-close checkpoint)
+    assert not store.scrub_pending and secret.encode() not in _file_bytes(path)
+    store.close()
+    reader.close()
+
+
+def test_deletions_count_every_forget(tmp_path):
+    with MemoryStore(tmp_path / "m.db") as store, MemoryStore(tmp_path / "m.db") as other:
+        assert store.deletions() == 0
+        record = store.add("alice", "I like tea")
+        doc = store.add_document("alice", "notes.md", "Some notes about tea.")
+        assert store.deletions() == 0          # writes that delete nothing do not count
+        store.forget("alice", ids=[record.id])
+        assert other.deletions() == 1          # seen by another connection
+        other.forget_document("alice", doc)
+        assert store.deletions() == 2
+        assert store.forget_document("alice", doc) == 0 and store.deletions() == 2

@@ -4,7 +4,9 @@ Each user turn:
 
 1. **Deletions first.** Deletions made elsewhere (the ``mamba-moe memory forget`` CLI, another process)
    are noticed: records this chat injected or wrote that no longer exist are purged from every tier held
-   here (``_reconcile``).
+   here (``_reconcile``). The store counts forgets (``store.deletions()``); while the count is unchanged
+   only the records this chat learnt of since the last turn are checked, so a turn costs a few look-ups,
+   not a listing of the user's memories.
 2. **Extraction** (``memory/extract.py``, rules; microseconds to a millisecond) runs on the caller's thread,
    so a deletion the user asks for ("forget my address") is applied and purged *before* the reply, which
    then cannot repeat it. Other writes go to the background writer.
@@ -208,6 +210,8 @@ class MemorySession:
         self.working = WorkingMemory(engine, system, self.options.max_snapshots)
         self.known: dict[int, list[str]] = {}    # record id -> its needles: records this chat showed or wrote
         self._known_lock = threading.Lock()       # the writer adds to ``known`` while the chat reads it
+        self._unchecked: set[int] = set()         # ids added to ``known`` since the last deletion check
+        self._deletions_seen: int | None = None   # the store's deletion count when ``known`` was last checked
         self.degraded = 0                         # turns answered without (part of) their memory
         saved = store.summary(self.user, self.session)
         if saved is not None:
@@ -267,6 +271,7 @@ class MemorySession:
         with self._known_lock:
             for record in shown:
                 self.known[record.id] = record_needles([record])
+                self._unchecked.add(record.id)
         return block
 
     def _write(self, ops: list[Operation]) -> list[MemoryRecord]:
@@ -276,7 +281,9 @@ class MemorySession:
         current = [self.store.current(self.user, op.slot) for op in ops if op.op == "set" and op.slot]
         with self._known_lock:
             for record in [*written, *(r for r in current if r is not None)]:
-                self.known.setdefault(record.id, record_needles([record]))
+                if record.id not in self.known:
+                    self.known[record.id] = record_needles([record])
+                    self._unchecked.add(record.id)
         return written
 
     def _apply_now(self, ops: list[Operation]) -> None:
@@ -299,6 +306,7 @@ class MemorySession:
             self.working.replace([], self._header())
             with self._known_lock:
                 self.known.clear()
+                self._unchecked.clear()
             return
         self.purge(record_needles(removed), [r.id for r in removed])
 
@@ -371,18 +379,30 @@ class MemorySession:
         return n
 
     def _reconcile(self) -> None:
-        """Purge records this chat knows of that were deleted behind its back (another process, the CLI)."""
+        """Purge records this chat knows of that were deleted behind its back (another process, the CLI).
+
+        All known records are checked only when the store's deletion count moved since the last check; else
+        only those learnt of since (one may have been deleted before that count was read, after ``known``
+        was copied: the writer thread adds to it at any time)."""
         with self._known_lock:
-            known = dict(self.known)
-        if not known:
-            return
+            if not self.known:
+                return
+        fresh: set[int] = set()
         try:
-            alive = {r.id for r in self.store.list(self.user, include_superseded=True)}
+            deletions = self.store.deletions()   # read before ``known`` is copied: a later forget moves it
+            with self._known_lock:
+                known, fresh = dict(self.known), self._unchecked
+                self._unchecked = set()
+            check = list(known) if deletions != self._deletions_seen else [i for i in fresh if i in known]
+            alive = self.store.existing_ids(self.user, check) if check else set()
         except Exception as err:  # noqa: BLE001
+            with self._known_lock:
+                self._unchecked |= fresh         # checked at the next turn instead
             self.degraded += 1
             log.warning("memory check failed for user %r: %s", self.user, err)
             return
-        gone = [i for i in known if i not in alive]
+        self._deletions_seen = deletions
+        gone = [i for i in check if i not in alive]
         if gone:
             self.purge([n for i in gone for n in known[i]], gone)
 
@@ -392,6 +412,7 @@ class MemorySession:
         with self._known_lock:
             for i in ids:
                 self.known.pop(i, None)
+                self._unchecked.discard(i)
         if not needles:
             return
         self.conversation.forget(needles)

@@ -13,7 +13,9 @@ Design (docs/memory.md, "Long-term store"):
 - :meth:`forget` removes rows, FTS index entries (followed by an FTS ``optimize``, which rewrites the index
   without the deleted terms), vectors and the user's summaries that mention them; ``secure_delete=ON``
   zeroes freed pages and a WAL checkpoint(TRUNCATE) empties the log, so the text is gone from the file's
-  bytes.
+  bytes. A connection of another process reading an older snapshot blocks that checkpoint (the old pages
+  are its snapshot); then the scrub is *pending*, marked in ``meta`` in the deleting transaction itself,
+  and the next write, open or close of any connection completes it (see :meth:`scrub`).
 - Retrieval: BM25 (FTS5 ``bm25()``) and brute-force cosine over the user's vectors (cached in memory,
   reloaded when another connection changes the DB), fused by reciprocal rank.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import logging
 import os
 import sqlite3
 import threading
@@ -47,12 +50,18 @@ MAX_SUMMARY_BYTES = 1 << 20
 MAX_NAME_CHARS = 256              # user, slot, session, agent, document name
 MAX_SOURCE_CHARS = 1024
 BUSY_TIMEOUT_MS = 30_000          # how long a writer waits for another process's transaction
+SCRUB_WAIT_MS = 2_000             # how long forget/close wait for readers to let the log be emptied
 FUSION_DEPTH = 50                 # candidates taken from each ranking before fusing
 MODES = ("fused", "bm25", "dense")
 
 _COLUMNS = ("id, user, text, slot, value, kind, session, agent, valid_from, valid_to, recorded_at, "
             "superseded_by, source")
 _CURRENT = "valid_to IS NULL AND superseded_by IS NULL"
+# meta keys: a deletion's scrub of the log is not done yet; how many forgets the DB has seen (any user)
+_SCRUB_PENDING = "scrub_pending"
+_DELETIONS = "deletions"
+
+log = logging.getLogger(__name__)
 
 
 def utc_now() -> str:
@@ -157,6 +166,7 @@ class MemoryStore:
         self._chunk_cache: dict[str, _VectorCache] = {}
         self._vocabulary: dict[str, Vocabulary] = {}   # FTS table -> its words and their row counts
         self._data_version: int | None = None
+        self._opened = False   # set once the file is known to be a memory DB in WAL mode
         if self.path.is_dir():
             raise MemoryStoreError(f"{self.path}: is a directory; expected a memory DB file")
         if self.path.exists():
@@ -185,7 +195,7 @@ class MemoryStore:
         conn.execute("PRAGMA secure_delete = ON")
         # identity first, inside a write transaction that changes nothing for a foreign or newer file, and
         # only then WAL mode (switching writes the file header)
-        with self._write():
+        with self._write(scrub=False):
             ensure_schema(conn, self.path)
             self._check_embedder()
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -195,6 +205,9 @@ class MemoryStore:
         conn.execute("PRAGMA synchronous = FULL")
         for table in ("memories_fts", "chunks_fts"):   # per connection, in the temp schema: nothing in the file
             conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{table}_vocab USING fts5vocab(main, {table}, row)")
+        self._opened = True
+        if self._scrub_pending():   # a deletion whose log scrub a reader blocked (maybe in a process since killed)
+            self.scrub(wait_ms=0)
 
     def _check_embedder(self) -> None:
         name, dim = self.embedder.name, int(self.embedder.dim)
@@ -215,12 +228,15 @@ class MemoryStore:
         return self._conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, the write lock taken at BEGIN; rolled back on any exception."""
+    def _write(self, *, scrub: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, the write lock taken at BEGIN; rolled back on any exception. With ``scrub``,
+        a pending scrub (a deletion's, maybe another connection's) is attempted after the commit, without
+        waiting: a write must stay fast, and a reader still blocking it leaves it pending."""
         with self._lock:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
+                pending = scrub and self._scrub_pending()
                 yield conn
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -233,6 +249,8 @@ class MemoryStore:
                     conn.execute("ROLLBACK")
                 self._drop_caches()
                 raise
+            if pending:
+                self.scrub(wait_ms=0)
 
     def _read_data_version(self) -> int:
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
@@ -279,6 +297,12 @@ class MemoryStore:
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
+                try:
+                    if self._opened and self._scrub_pending() and not self.scrub():
+                        log.warning("%s: closed with the scrub of a deletion still pending (another connection "
+                                    "is reading); the next open or write completes it", self.path)
+                except sqlite3.Error as err:   # closing must not fail on a locked or broken DB
+                    log.warning("%s: could not complete a pending scrub on close: %s", self.path, err)
                 self._conn.close()
                 self._conn = None
             self._drop_caches()
@@ -396,6 +420,21 @@ class MemoryStore:
             sql += f" LIMIT {limit}"
         with self._lock:
             return [_row_record(r) for r in self.conn.execute(sql, params)]
+
+    def existing_ids(self, user, ids: Iterable[int]) -> set[int]:
+        """Which of ``ids`` are still records of the user (superseded ones included): one primary-key look-up
+        each, however many records the user has."""
+        user = self._user(user)
+        ids = builtins.list(dict.fromkeys(ids))
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise MemoryInputError(f"ids: expected integer ids, got {ids!r}")
+        found: set[int] = set()
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                part = ids[start:start + 500]
+                found.update(r[0] for r in self.conn.execute(
+                    f"SELECT id FROM memories WHERE user = ? AND id IN ({','.join('?' * len(part))})", [user, *part]))
+        return found
 
     def _scope(self, user: str, session, agent, include_superseded: bool, prefix: str = "") -> tuple[str, list]:
         clauses, params = [f"{prefix}user = ?"], [user]
@@ -538,7 +577,8 @@ class MemoryStore:
             self._memory_cache.pop(user, None)
             self._chunk_cache.pop(user, None)
             self._vocabulary.clear()   # forgotten words must not come back as typo corrections
-        self._scrub()
+            self._mark_deletion(conn)
+        self._scrub_after_delete()
         return removed
 
     def _delete_memories(self, conn: sqlite3.Connection, user: str, doomed: list[tuple], *,
@@ -568,13 +608,65 @@ class MemoryStore:
             conn.execute("INSERT INTO memories_fts (memories_fts) VALUES ('optimize')")
         return len(doomed)
 
-    def _scrub(self) -> None:
-        """Empty the WAL into the main file (whose freed pages secure_delete zeroed) so no old page survives."""
+    @staticmethod
+    def _mark_deletion(conn: sqlite3.Connection) -> None:
+        """In the deleting transaction: count the deletion and mark its scrub pending. Both commit with the
+        rows' removal, so a crash before the scrub still leaves the mark for the next open."""
+        conn.execute("INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key) DO UPDATE "
+                     "SET value = CAST(value AS INTEGER) + 1", (_DELETIONS,))
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, '1')", (_SCRUB_PENDING,))
+
+    def _scrub_pending(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM meta WHERE key = ?", (_SCRUB_PENDING,)).fetchone() is not None
+
+    @property
+    def scrub_pending(self) -> bool:
+        """Whether a deletion's text may still be in the file's bytes (the log not emptied yet)."""
         with self._lock:
+            return self._scrub_pending()
+
+    def deletions(self) -> int:
+        """How many forgets this DB has seen (any user, any connection): a reader that holds records can skip
+        checking them while this is unchanged."""
+        with self._lock:
+            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (_DELETIONS,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _scrub_after_delete(self) -> None:
+        if not self.scrub():
+            log.warning("%s: the deleted text may stay in the write-ahead log until another connection stops "
+                        "reading; the scrub is pending and the next write, open or close completes it", self.path)
+
+    def scrub(self, *, wait_ms: int | None = None) -> bool:
+        """Empty the WAL into the main file (whose freed pages secure_delete zeroed), so no page of deleted
+        text survives in the file's bytes, then clear the pending mark. A reader of an older snapshot blocks
+        this; it is waited for up to ``wait_ms`` (default :data:`SCRUB_WAIT_MS`). Returns whether the scrub is
+        done (False: still pending, the mark stays)."""
+        wait_ms = SCRUB_WAIT_MS if wait_ms is None else wait_ms
+        with self._lock:
+            conn = self.conn
+            conn.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")   # TRUNCATE waits on this for readers
             try:
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            except sqlite3.OperationalError:
-                pass  # another connection is busy; its own checkpoint will run (the text is no longer readable)
+                if not self._checkpoint(conn):
+                    return False
+                if self._scrub_pending():
+                    with self._write(scrub=False):
+                        conn.execute("DELETE FROM meta WHERE key = ?", (_SCRUB_PENDING,))
+                    self._checkpoint(conn)   # that small write's frame too (no text in it: best effort)
+                return True
+            except sqlite3.OperationalError:   # the write lock not had within wait_ms: stays pending
+                return False
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    @staticmethod
+    def _checkpoint(conn: sqlite3.Connection) -> bool:
+        """A TRUNCATE checkpoint; True when every frame reached the main file and the log is empty."""
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError:   # "database is locked": another checkpoint or writer
+            return False
+        return busy == 0
 
     # ---- summaries (the conversation tier's text) -----------------------------------------------
     def put_summary(self, user, session, text, *, covers_turns: int) -> None:
@@ -679,8 +771,10 @@ class MemoryStore:
             removed = self._delete_document(conn, user, doc_id)
             self._chunk_cache.pop(user, None)
             self._vocabulary.pop("chunks_fts", None)
+            if removed:
+                self._mark_deletion(conn)
         if removed:
-            self._scrub()
+            self._scrub_after_delete()
         return removed
 
     def _delete_document(self, conn: sqlite3.Connection, user: str, doc_id: int) -> int:

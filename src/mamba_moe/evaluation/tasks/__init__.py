@@ -14,6 +14,7 @@ _TASKS = {
     "mt-bench-local": "mt_bench_local:MTBenchLocal",
     "ppl": "ppl:Perplexity",
     "passkey": "passkey:Passkey",
+    "needle": "needle:Needle",
     "mqar": "mqar:MQAR",
     "memory": "memory_recall:MemoryRecall",
 }

@@ -9,15 +9,13 @@ fixed by the seed: the keys and the prompts are the same on every run.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from ..backends.base import Backend, GenRequest
 from ..errors import EvalError
-from ..stats import wilson_interval
 from .base import Item, Option, Task, float_list, int_list, positive_int
-from .synthetic import rng, score_first_integer
+from .synthetic import breakdown, fit_filler, rng, score_first_integer
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about it.\n\n")
@@ -57,13 +55,9 @@ class Passkey(Task):
 
     def filler_count(self, backend: Backend, length: int) -> int:
         """Filler sentences so that prompt + answer fit in ``length`` tokens (measured, then trimmed)."""
-        budget = length - self.options["max_tokens"]
-        per = self._count(backend, FILLER * 16) / 16
-        base = self._count(backend, build_prompt(0, 0.0, 99999, self.chat))
-        n = max(0, int((budget - base) / per))
-        while n > 0 and self._count(backend, build_prompt(n, 0.5, 99999, self.chat)) > budget:
-            n = max(0, n - max(1, n // 50))
-        return n
+        return fit_filler(lambda text: self._count(backend, text), lambda n: build_prompt(n, 0.5, 99999, self.chat),
+                          length - self.options["max_tokens"], f"--set passkey.lengths={length}", FILLER,
+                          strict=False)
 
     def items(self, backend: Backend, limit: int | None) -> list[Item]:
         if backend.count_tokens("a") is None:
@@ -93,16 +87,4 @@ class Passkey(Task):
         return score_first_integer([item.target for item in items], outputs)
 
     def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        def summary(rs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-            k = sum(bool(r["verdict"]["correct"]) for r in rs)
-            return {"value": k / len(rs) if rs else None, "ci95": list(wilson_interval(k, len(rs))), "n": len(rs)}
-
-        by_length: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        by_depth: dict[float, list[dict[str, Any]]] = defaultdict(list)
-        for r in records:
-            by_length[r["meta"]["length"]].append(r)
-            by_depth[r["meta"]["depth"]].append(r)
-        result = summary(records)
-        result["by_length"] = {str(k): summary(v) for k, v in sorted(by_length.items())}
-        result["by_depth"] = {f"{k:g}": summary(v) for k, v in sorted(by_depth.items())}
-        return result
+        return breakdown(records)
