@@ -282,12 +282,14 @@ def _gguf_heldout(ckpt: Path, kind: str, args: argparse.Namespace) -> dict[str, 
         export_gguf(ckpt, path, type=kind)
     backend = GGUFBackend(path, n_ctx=args.gguf_seq + 1, threads=os.cpu_count())
     total, n = 0.0, 0
-    for window in windows(ROOT / SHARDS, args.gguf_seq, args.gguf_windows):
-        ids = window.tolist()
-        logits = backend.logits(ids[:-1]).float()
-        total += float(F.cross_entropy(logits, window[1:], reduction="sum"))
-        n += len(ids) - 1
-    backend.close()
+    try:
+        for window in windows(ROOT / SHARDS, args.gguf_seq, args.gguf_windows):
+            ids = window.tolist()
+            logits = backend.logits(ids[:-1]).float()
+            total += float(F.cross_entropy(logits, window[1:], reduction="sum"))
+            n += len(ids) - 1
+    finally:
+        backend.close()
     loss = total / n
     return {"loss": loss, "bits_per_byte": loss / math.log(2) / bytes_per_token(ROOT / SHARDS), "tokens": n,
             "file_mb": round(path.stat().st_size / 2**20, 1), "seq": args.gguf_seq,

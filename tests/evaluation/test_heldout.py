@@ -78,3 +78,5 @@ def test_bytes_per_token_and_buckets(corpus) -> None:
         loss_by_position(_model(0), corpus[1], 64, 1, context=24)
     with pytest.raises(ValueError, match="windows"):
         next(windows(corpus[1], 32, 10**6))
+    with pytest.raises(ValueError, match="at least 1"):
+        heldout_loss(_model(0), corpus[1], 32, 0)

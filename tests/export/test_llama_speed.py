@@ -15,7 +15,12 @@ def test_decoding_from_a_restored_state_is_greedy_decoding_of_the_prompt(exporte
     path = exported("flagship", seed, "f32")
     runner = llama_runner(path)
     prompt = np.random.default_rng(seed).integers(4, runner.llm.n_vocab(), 40).tolist()
-    expected, _ = runner.greedy(prompt, 6)                 # argmax of the logits_all scores, the reference
+    expected, rows = runner.greedy(prompt, 6)              # argmax of the logits_all scores, the reference
+    # Two llama.cpp contexts (other batch sizes) round differently, ~1e-6: compare only up to the first step
+    # whose top two logits are closer than 1e-3, where either choice is right (a random model has a few).
+    top2 = np.sort(rows, axis=1)[:, -2:]
+    steps = next((i for i, (second, first) in enumerate(top2) if first - second < 1e-3), len(expected))
+    expected = expected[:steps]
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, n_threads_batch=1, verbose=False,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
@@ -25,7 +30,7 @@ def test_decoding_from_a_restored_state_is_greedy_decoding_of_the_prompt(exporte
             saved.restore(llm)
             chosen: list[int] = []
             _greedy_decode(llama_cpp, llm, saved.next_token, 6, chosen)
-            assert chosen == expected
+            assert chosen[:steps] == expected
             assert llm.n_tokens == len(prompt) + 6
     finally:
         llm.close()

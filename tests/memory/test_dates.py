@@ -36,6 +36,12 @@ def test_vague_or_impossible_dates_resolve_to_nothing(text):
     assert find_date(f"I did it {text}", "2026-03-04T10:00:00Z") is None
 
 
+def test_february_29_without_a_year_is_the_latest_leap_day():
+    assert find_date("on February 29", "2025-03-01T10:00:00Z").day == date(2024, 2, 29)
+    assert find_date("on 29 February", "2024-02-01T10:00:00Z").day == date(2020, 2, 29)
+    assert find_date("on February 30", "2025-03-01T10:00:00Z") is None
+
+
 def test_generator_phrases_round_trip_on_random_days(fresh_seed):
     rng = random.Random(fresh_seed)
     for _ in range(300):

@@ -145,6 +145,13 @@ def test_corrections_fix_the_last_slot_within_the_window():
     assert ops("Actually, it's Bergen.", ex) == []          # two messages later: too far to be a correction
 
 
+def test_a_correction_of_an_event_is_a_date():
+    ex = Extractor()   # NOW is a Wednesday: yesterday is 2026-03-03, last Monday 2026-03-02
+    assert ops("I went to the dentist yesterday.", ex) == [("set", "dentist", "2026-03-03")]
+    assert ops("Sorry, I meant last Monday.", ex) == [("set", "dentist", "2026-03-02")]
+    assert ops("Actually, it was Bergen.", ex) == []        # not a date: no event day
+
+
 def test_odd_unicode_and_invisible_characters():
     assert ops("My name is Ｚｏë.") == [("set", "name", "Zoë")]                     # NFKC folds full-width letters
     assert ops("I live in Reyk\u200bjavík.") == [("set", "city", "Reykjavík")]       # zero-width space

@@ -54,6 +54,8 @@ def bytes_per_token(shards: str | os.PathLike, split: str = "val") -> float:
 def windows(shards: str | os.PathLike, seq_len: int, count: int, split: str = "val") -> Iterator[torch.Tensor]:
     """The first ``count`` windows of ``seq_len + 1`` tokens of a split, in file order (stream by stream)."""
     ds = PackedDataset(shards, seq_len, split)
+    if count < 1:
+        raise ValueError(f"windows: count must be at least 1, got {count}")
     if count > len(ds):
         raise ValueError(f"{shards}: split {split!r} has {len(ds)} windows of {seq_len + 1} tokens, "
                          f"{count} were asked for")

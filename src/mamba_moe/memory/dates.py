@@ -56,11 +56,11 @@ def parse_clock(when: str | datetime | date) -> date:
 
 
 def _latest_not_after(today: date, month: int, day: int) -> date | None:
-    for year in (today.year, today.year - 1):
+    for year in range(today.year, today.year - 9, -1):   # February 29 may lie up to 8 years back
         try:
             candidate = date(year, month, day)
-        except ValueError:
-            return None
+        except ValueError:   # no such day this year (Feb 29 of a common year; Feb 30 of any)
+            continue
         if candidate <= today:
             return candidate
     return None

@@ -430,6 +430,8 @@ class Extractor:
             m = _CORRECTED.fullmatch(text)
             if m:
                 _, attribute = split_slot(self.last_slot)
+                if attribute.value_kind == "date":   # "Sorry, I meant last Tuesday": resolved as the event was
+                    return self._event(self.last_slot, m.group("v"), now, text)
                 value = clean_value(m.group("v"), attribute.value_kind, cased=self._cased_for(attribute.value_kind))
                 return Operation("set", self.last_slot, value, now, text) if value else None
         return None
