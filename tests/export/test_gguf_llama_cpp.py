@@ -18,6 +18,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers.llama import nmse
 
 from mamba_moe.export.gguf_export import export_gguf
 from mamba_moe.model.lm import MambaMoEForCausalLM
@@ -32,11 +33,6 @@ HALF_NMSE = {"f16": 1e-4, "bf16": 1e-3}
 # q5_k_m 8e-3, q4_k_m 3e-2, q4_0 4e-2; llama.cpp also quantizes the activations for its dot products).
 QUANT_NMSE = {"q8_0": 2e-3, "q6_k": 1.5e-2, "q5_k_m": 3e-2, "q4_k_m": 1.2e-1, "q4_0": 1.5e-1}
 GREEDY_TOKENS = 12
-
-
-def nmse(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(((actual - expected) ** 2).sum() / (expected ** 2).sum())
 
 
 def our_logits(model: MambaMoEForCausalLM, ids: list[int]) -> np.ndarray:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
+from helpers.llama import LlamaRunner, nmse
 
 gguf = pytest.importorskip("gguf")
 
@@ -92,14 +92,12 @@ def test_grown_checkpoint_exports(kind, tokenizer, tmp_path):
     ids = tokenizer.encode("".join(TEXT), add_special_tokens=False)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].double().numpy()
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_batch=256, n_ubatch=256, n_threads=2, logits_all=True,
-                          verbose=False, seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    runner = LlamaRunner(llama_cpp, out, n_ctx=256)
     try:
-        llm.eval(ids)
-        theirs = np.array(llm.scores[: len(ids)], dtype=np.float64)
+        theirs = runner.prompt_logits(ids)
     finally:
-        llm.close()
-    error = float(((theirs - ours) ** 2).sum() / (ours ** 2).sum())
+        runner.close()
+    error = nmse(theirs, ours)
     print(f"{kind}: llama.cpp vs ours, f32 NMSE {error:.3g} over {len(ids)} positions")
     assert error < F32_NMSE, f"{kind}: NMSE {error:.3g}"
 

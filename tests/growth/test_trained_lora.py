@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
+from helpers.llama import LlamaRunner, nmse
 from helpers.numerics import rel_error
 from helpers.training import tiny_config
 
@@ -109,13 +109,11 @@ def test_lora_run_merges_and_exports(corpus, grown, tmp_path, capsys):
         pytest.skip("llama-cpp-python not installed: the file is checked, llama.cpp parity not run")
     tokens = ids[0].tolist()
     ours = _logits(merged, torch.tensor([tokens]))[0].double().numpy()
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_batch=64, n_ubatch=64, n_threads=1, logits_all=True,
-                          verbose=False, seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    runner = LlamaRunner(llama_cpp, out, n_ctx=64, threads=1)
     try:
-        llm.eval(tokens)
-        theirs = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+        theirs = runner.prompt_logits(tokens)
     finally:
-        llm.close()
-    nmse = float(((theirs - ours) ** 2).sum() / (ours ** 2).sum())
-    print(f"merged LoRA run: llama.cpp vs ours, f32 NMSE {nmse:.3g}")
-    assert nmse < 1e-9                                       # the export tests' f32 bound
+        runner.close()
+    error = nmse(theirs, ours)
+    print(f"merged LoRA run: llama.cpp vs ours, f32 NMSE {error:.3g}")
+    assert error < 1e-9                                       # the export tests' f32 bound

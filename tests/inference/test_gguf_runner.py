@@ -11,6 +11,7 @@ import random
 import sys
 
 import pytest
+from helpers.llama import llama_cpp_or_skip
 from helpers.toy import save_toy_checkpoint
 
 from mamba_moe.cli import main
@@ -39,9 +40,7 @@ def gguf(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", exc_type=ImportError,
-                               reason="llama-cpp-python==0.3.36 (pip install 'mamba-moe[export]', builds llama.cpp "
-                                      "from source) is not installed; running a GGUF file needs it")
+    return llama_cpp_or_skip("running a GGUF file")
 
 
 @pytest.fixture
