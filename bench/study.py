@@ -2,6 +2,7 @@
 QAT. Every phase is resumable and skips what is done, so the study runs in slices of GPU time:
 
     python bench/study.py all --time-limit 540           # prepare, train, longctx, qat, collect: what fits
+    python bench/study.py all --model hybrid-topk ...    # longctx + qat from another model (*.hybrid-topk.json)
     python bench/study.py prepare                        # tokenizer + shards of this Python installation
     python bench/study.py train --models hybrid-soft transformer --time-limit 540
     python bench/study.py longctx                        # loss by position at 8k/16k/32k, YaRN off and on
@@ -60,6 +61,17 @@ FLAGSHIP = "hybrid-soft"
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192, "beta_fast": 32.0,
         "beta_slow": 1.0}
 SAVE_MARGIN_S = 60.0  # a slice stops this long before its end: the checkpoint write and the process exit
+
+
+def tag(args: argparse.Namespace) -> str:
+    """The suffix of the long-context and QAT results and runs: none for the flagship, ``.NAME`` when
+    ``--model`` starts them from another of the study's models (their files then sit beside the flagship's)."""
+    return "" if args.model == FLAGSHIP else f".{args.model}"
+
+
+def arms(args: argparse.Namespace) -> dict[str, list[str]]:
+    """QAT's two runs from ``--model``'s checkpoint: the QAT config, and the same with ``qat=null``."""
+    return {f"qat-on{tag(args)}": [], f"qat-off{tag(args)}": ["qat=null"]}
 
 
 def log(message: str) -> None:
@@ -161,7 +173,7 @@ def longctx(args: argparse.Namespace) -> None:
     from mamba_moe.checkpoint_dirs import resolve_model_dir
     from mamba_moe.evaluation.heldout import bucket_means, loss_by_position
 
-    target = RUNS / "longctx.json"
+    target = RUNS / f"longctx{tag(args)}.json"
     if target.exists() and not args.force and all(v in json.loads(target.read_text())["variants"]
                                                    for v in LONGCTX_VARIANTS):
         log(f"longctx: done ({target})")
@@ -200,8 +212,7 @@ def qat(args: argparse.Namespace, deadline: float) -> None:
 
     base = RUNS / args.model
     total = _max_steps(QAT_CONFIG, args.extra)
-    arms = {"qat-on": [], "qat-off": ["qat=null"]}
-    for arm, extra in arms.items():
+    for arm, extra in arms(args).items():
         out = RUNS / arm
         if finished_step(out) >= total:
             continue
@@ -218,11 +229,11 @@ def qat(args: argparse.Namespace, deadline: float) -> None:
         if finished_step(out) < total:
             log("qat: the slice ended; continue in the next")
             return
-    target = RUNS / "qat.json"
-    fresh = {"windows": args.windows, "seq": args.qat_seq, "rows": {}}
+    target = RUNS / f"qat{tag(args)}.json"
+    fresh = {"base": args.model, "windows": args.windows, "seq": args.qat_seq, "rows": {}}
     result = json.loads(target.read_text()) if target.exists() else fresh
     rows = result["rows"]
-    for arm in arms:
+    for arm in arms(args):
         ckpt = resolve_model_dir(ROOT / RUNS / arm)
         for form in ("float", "fake-q4_0"):
             key = f"{arm}/{form}"
@@ -231,7 +242,7 @@ def qat(args: argparse.Namespace, deadline: float) -> None:
                 log(f"qat {key}: {rows[key]['loss']:.4f}")
                 _write_json(target, result)
     if args.gguf:  # in a child process: a llama.cpp build that dies (an unsupported CPU) ends only that
-        code = run([sys.executable, __file__, "qat-gguf", "--gguf-seq", str(args.gguf_seq),
+        code = run([sys.executable, __file__, "qat-gguf", "--model", args.model, "--gguf-seq", str(args.gguf_seq),
                     "--gguf-windows", str(args.gguf_windows)])
         if code:
             log(f"qat: GGUF scoring failed (exit {code}); the PyTorch rows stand")
@@ -240,9 +251,9 @@ def qat(args: argparse.Namespace, deadline: float) -> None:
 def qat_gguf(args: argparse.Namespace) -> None:
     from mamba_moe.checkpoint_dirs import resolve_model_dir
 
-    target = RUNS / "qat.json"
+    target = RUNS / f"qat{tag(args)}.json"
     result = json.loads(target.read_text())
-    for arm in ("qat-on", "qat-off"):
+    for arm in arms(args):
         ckpt = resolve_model_dir(ROOT / RUNS / arm)
         for kind in ("f32", "q4_0", "q4_k_m"):  # f32: llama.cpp's float, the reference of the Q4 rows
             key = f"{arm}/gguf-{kind}"
@@ -300,11 +311,11 @@ def collect(args: argparse.Namespace) -> None:
     """Copy what the plots and tables need (small files) from runs/study into docs/results/study."""
     dest = ROOT / RESULTS
     dest.mkdir(parents=True, exist_ok=True)
-    for name in [*MODELS, "qat-on", "qat-off"]:
+    for name in [*MODELS, *arms(args)]:
         src = ROOT / RUNS / name / "metrics.jsonl"
         if src.exists():
             shutil.copyfile(src, dest / f"{name}.metrics.jsonl")
-    for name in ("longctx.json", "qat.json"):
+    for name in (f"longctx{tag(args)}.json", f"qat{tag(args)}.json"):
         if (ROOT / RUNS / name).exists():
             shutil.copyfile(ROOT / RUNS / name, dest / name)
     manifest = ROOT / SHARDS / "manifest.json"
@@ -340,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=["all", "prepare", "train", "longctx", "qat", "qat-gguf", "collect", "plot"])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=ORDER)
-    p.add_argument("--model", default=FLAGSHIP, help="the run longctx and qat start from")
+    p.add_argument("--model", default=FLAGSHIP, choices=list(MODELS),
+                   help="the run longctx and qat start from (results of another than the flagship: *.NAME.json)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds this call may take (a slice)")
     p.add_argument("--min-slice", type=float, default=150.0,
                    help="do not start a training slice shorter than this (compilation alone takes ~1 min)")
@@ -390,15 +402,17 @@ def run_all(args: argparse.Namespace, deadline: float) -> None:
     prepare(args)
     todo = [name for name in ORDER if name != args.model and not committed_curve(name, args)]
     done = train(argparse.Namespace(**{**vars(args), "models": todo}), deadline)
-    if done and not (committed_complete("longctx.json", LONGCTX_VARIANTS)
-                     and committed_complete("qat.json", qat_rows(args))):
+    if done and not (committed_complete(f"longctx{tag(args)}.json", LONGCTX_VARIANTS)
+                     and committed_complete(f"qat{tag(args)}.json", qat_rows(args))):
         if train(argparse.Namespace(**{**vars(args), "models": [args.model]}), deadline):
             longctx(args)
             qat(args, deadline)
     elif done and not committed_curve(args.model, args):
         train(argparse.Namespace(**{**vars(args), "models": [args.model]}), deadline)
     collect(args)
-    log(f"next (continues where this stopped): python bench/study.py all --time-limit {args.time_limit or 540:.0f}")
+    model = "" if args.model == FLAGSHIP else f" --model {args.model}"
+    limit = f"{args.time_limit or 540:.0f}"
+    log(f"next (continues where this stopped): python bench/study.py all{model} --time-limit {limit}")
 
 
 LONGCTX_VARIANTS = ["rope-8k", "rope", "yarn4"]
@@ -406,7 +420,7 @@ LONGCTX_VARIANTS = ["rope-8k", "rope", "yarn4"]
 
 def qat_rows(args: argparse.Namespace) -> list[str]:
     forms = ["float", "fake-q4_0"] + (["gguf-f32", "gguf-q4_0", "gguf-q4_k_m"] if args.gguf else [])
-    return [f"{arm}/{form}" for arm in ("qat-on", "qat-off") for form in forms]
+    return [f"{arm}/{form}" for arm in arms(args) for form in forms]
 
 
 def committed_curve(name: str, args: argparse.Namespace) -> bool:

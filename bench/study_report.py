@@ -2,8 +2,9 @@
 
     python bench/study_report.py                    # = python bench/study.py plot
 
-Reads ``<name>.metrics.jsonl`` (the trainer's own records, one per step), ``longctx.json``, ``qat.json`` and
-``data.json``; writes PNGs into docs/results/ and rewrites the block between the study markers in
+Reads ``<name>.metrics.jsonl`` (the trainer's own records, one per step), ``longctx.json``, ``qat.json``
+(the flagship's; ``longctx.NAME.json`` / ``qat.NAME.json`` for another starting model) and ``data.json``;
+writes PNGs into docs/results/ and rewrites the block between the study markers in
 docs/results.md with the tables, so no number there is copied by hand. matplotlib is needed for the PNGs
 (``pip install matplotlib``); without it the tables are still written.
 """
@@ -93,35 +94,60 @@ def tables(results: Path) -> str:
         s = summary(name, read_metrics(path), step_tokens, bpt)
         lines.append(f"| {LABELS[name]} | {s['steps']} | {s['tokens'] / 1e6:.1f}M | {s['val_loss']:.4f} | "
                      f"{s['bpb']:.4f} | {s['tok_s']:,.0f} | {s['hours'] * 60:.1f} min | {s['peak_gb']:.1f} |")
-    if (results / "longctx.json").exists():
-        lc = json.loads((results / "longctx.json").read_text())
-        lengths = list(next(iter(lc["variants"].values()))["mean_to"])
-        lines += ["", f"Long context: held-out loss by position, {lc['windows']} windows of {lc['length']:,} "
-                  f"tokens (trained at {lc['trained_seq_len']:,}); mean loss up to each length and per range.", "",
-                  "| RoPE | " + " | ".join(f"mean to {_k(int(n))}" for n in lengths) + " | "
-                  + " | ".join(f"{_k(b['start'])}–{_k(b['end'])}"
-                               for b in next(iter(lc["variants"].values()))["buckets"]) + " |",
-                  "|---|" + "---:|" * (len(lengths) + len(next(iter(lc["variants"].values()))["buckets"]))]
-        for v in lc["variants"].values():
-            label = _rope_label(v, lc["length"])
-            lines.append(f"| {label} | " + " | ".join(f"{v['mean_to'][n]:.4f}" for n in lengths) + " | "
-                         + " | ".join(f"{b['loss']:.4f}" for b in v["buckets"]) + " |")
-    if (results / "qat.json").exists():
-        q = json.loads((results / "qat.json").read_text())
-        lines += ["", "QAT: the flagship continued at equal tokens with and without 4-bit fake quantization; "
-                  "held-out loss of each in float, with its weights rounded to Q4_0 blocks in PyTorch, and as "
-                  "llama.cpp GGUF files (llama.cpp's own quantizer).", "",
-                  "| arm | form | windows x tokens | held-out loss | bits/byte | vs the control's float, same tokens |",
-                  "|---|---|---|---:|---:|---:|"]
-        # Each row against the control's float on the same tokens: PyTorch rows score 8k windows, GGUF rows
-        # (llama.cpp on the CPU) shorter ones, so a GGUF row's reference is the control's GGUF f32 row.
-        for key, row in q["rows"].items():
-            arm, form = key.split("/")
-            ref = q["rows"].get("qat-off/gguf-f32" if form.startswith("gguf") else "qat-off/float", {}).get("loss")
-            delta = f"{row['loss'] - ref:+.4f}" if ref is not None else "no float row on these tokens"
-            where = f"{row.get('windows', q['windows'])} x {row.get('seq', q.get('seq', 8192)):,}"
-            lines.append(f"| {arm} | {form} | {where} | {row['loss']:.4f} | {row['bits_per_byte']:.4f} | {delta} |")
+    for name, path in measured_from(results, "longctx"):
+        lines += longctx_table(json.loads(path.read_text()), name)
+    for name, path in measured_from(results, "qat"):
+        lines += qat_table(json.loads(path.read_text()), name)
     return "\n".join(lines) + "\n"
+
+
+def measured_from(results: Path, kind: str) -> list[tuple[str, Path]]:
+    """The ``kind`` results (longctx / qat) and the model each started from: ``kind.json`` is the flagship's,
+    ``kind.NAME.json`` another model's (``bench/study.py --model NAME``)."""
+    found = [("hybrid-soft", results / f"{kind}.json")] if (results / f"{kind}.json").exists() else []
+    return found + [(name, results / f"{kind}.{name}.json") for name in LABELS
+                    if (results / f"{kind}.{name}.json").exists()]
+
+
+def longctx_table(lc: dict[str, Any], name: str) -> list[str]:
+    first = next(iter(lc["variants"].values()))
+    lengths = list(first["mean_to"])
+    lines = ["", f"Long context, {LABELS[name]}: held-out loss by position, {lc['windows']} windows of "
+             f"{lc['length']:,} tokens (trained at {lc['trained_seq_len']:,}); mean loss up to each length and "
+             "per range.", "",
+             "| RoPE | " + " | ".join(f"mean to {_k(int(n))}" for n in lengths) + " | "
+             + " | ".join(f"{_k(b['start'])}–{_k(b['end'])}" for b in first["buckets"]) + " |",
+             "|---|" + "---:|" * (len(lengths) + len(first["buckets"]))]
+    for v in lc["variants"].values():
+        lines.append(f"| {_rope_label(v, lc['length'])} | " + " | ".join(f"{v['mean_to'][n]:.4f}" for n in lengths)
+                     + " | " + " | ".join(f"{b['loss']:.4f}" for b in v["buckets"]) + " |")
+    return lines
+
+
+def qat_table(q: dict[str, Any], name: str) -> list[str]:
+    """Each row against two references on the same tokens: the control arm's float (what QAT costs or gains
+    overall) and its own arm's float (what rounding to 4 bits costs that arm: the Q4 increase). PyTorch rows
+    score 8k windows, GGUF rows (llama.cpp on the CPU) shorter ones, so a GGUF row's float is the GGUF f32 row."""
+    tag = "" if name == "hybrid-soft" else f".{name}"
+    lines = ["", f"QAT, from {LABELS[name]}: continued at equal tokens with and without 4-bit fake quantization; "
+             "held-out loss of each in float, with its weights rounded to Q4_0 blocks in PyTorch, and as "
+             "llama.cpp GGUF files (llama.cpp's own quantizer).", "",
+             "| arm | form | windows x tokens | held-out loss | bits/byte | vs the control's float | "
+             "vs its own float (the 4-bit increase) |", "|---|---|---|---:|---:|---:|---:|"]
+    for key, row in q["rows"].items():
+        arm, form = key.split("/")
+        float_form = "gguf-f32" if form.startswith("gguf") else "float"
+        control = q["rows"].get(f"qat-off{tag}/{float_form}", {}).get("loss")
+        own = q["rows"].get(f"{arm}/{float_form}", {}).get("loss")
+        where = f"{row.get('windows', q['windows'])} x {row.get('seq', q.get('seq', 8192)):,}"
+        versus_own = "" if form == float_form else _delta(row["loss"], own)
+        lines.append(f"| {arm.removesuffix(tag)} | {form} | {where} | {row['loss']:.4f} | "
+                     f"{row['bits_per_byte']:.4f} | {_delta(row['loss'], control)} | {versus_own} |")
+    return lines
+
+
+def _delta(loss: float, reference: float | None) -> str:
+    return "no float row on these tokens" if reference is None else f"{loss - reference:+.4f}"
 
 
 def _rope_label(variant: dict[str, Any], length: int) -> str:
@@ -182,32 +208,38 @@ def plots(results: Path, out: Path) -> list[Path]:
         fig.savefig(out / "study_expert_load.png")
         plt.close(fig)
         written.append(out / "study_expert_load.png")
-    if (results / "longctx.json").exists():
-        lc = json.loads((results / "longctx.json").read_text())
-        # top: the curves (the text at each position varies, so they wander together); bottom: each curve
-        # minus plain RoPE on the same tokens, which is what YaRN (or the shorter context) changes
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), dpi=110, sharex=True,
-                                          gridspec_kw={"height_ratios": [3, 2]})
-        base = lc["variants"].get("rope", {}).get("curve_256")
-        for v in lc["variants"].values():
-            x = [(i + 0.5) * 256 / 1024 for i in range(len(v["curve_256"]))]
-            top.plot(x, v["curve_256"], label=_rope_label(v, lc["length"]), lw=1)
-            if base is not None and v["curve_256"] is not base:
-                bottom.plot(x, [a - b for a, b in zip(v["curve_256"], base, strict=True)], lw=1,
-                            label=_rope_label(v, lc["length"]) + " − plain RoPE")
-        for ax in (top, bottom):
-            ax.axvline(lc["trained_seq_len"] / 1024, color="grey", ls="--", lw=1)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        top.set_ylabel("held-out loss (256-token means)")
-        bottom.axhline(0, color="black", lw=0.6)
-        bottom.set_ylabel("difference (nats)")
-        bottom.set_xlabel("position in the window (k tokens); dashed: the training length")
-        fig.tight_layout()
-        fig.savefig(out / "study_long_context.png")
-        plt.close(fig)
-        written.append(out / "study_long_context.png")
+    for name, path in measured_from(results, "longctx"):
+        suffix = "" if name == "hybrid-soft" else f".{name}"
+        written.append(_long_context_plot(plt, json.loads(path.read_text()), name,
+                                          out / f"study_long_context{suffix}.png"))
     return written
+
+
+def _long_context_plot(plt, lc: dict[str, Any], name: str, path: Path) -> Path:
+    # top: the curves (the text at each position varies, so they wander together); bottom: each curve
+    # minus plain RoPE on the same tokens, which is what YaRN (or the shorter context) changes
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), dpi=110, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    base = lc["variants"].get("rope", {}).get("curve_256")
+    for v in lc["variants"].values():
+        x = [(i + 0.5) * 256 / 1024 for i in range(len(v["curve_256"]))]
+        (line,) = top.plot(x, v["curve_256"], label=_rope_label(v, lc["length"]), lw=1)
+        if base is not None and v["curve_256"] is not base:  # in the same colour as its curve above
+            bottom.plot(x, [a - b for a, b in zip(v["curve_256"], base, strict=True)], lw=1,
+                        color=line.get_color(), label=_rope_label(v, lc["length"]) + " − plain RoPE")
+    for ax in (top, bottom):
+        ax.axvline(lc["trained_seq_len"] / 1024, color="grey", ls="--", lw=1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    top.set_title(LABELS[name], fontsize=9)
+    top.set_ylabel("held-out loss (256-token means)")
+    bottom.axhline(0, color="black", lw=0.6)
+    bottom.set_ylabel("difference (nats)")
+    bottom.set_xlabel("position in the window (k tokens); dashed: the training length")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def write_report(results: Path, out: Path) -> None:

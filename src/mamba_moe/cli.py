@@ -14,7 +14,8 @@ from .config import PRESETS, ConfigError, MambaMoEConfig, get_preset
 
 _SUBCOMMAND_MODULES: list[str] = ["mamba_moe.inference.cli", "mamba_moe.data.cli", "mamba_moe.training.cli",
                                    "mamba_moe.training.distill_cli", "mamba_moe.export.cli",
-                                   "mamba_moe.evaluation.cli", "mamba_moe.growth.cli", "mamba_moe.memory.cli"]
+                                   "mamba_moe.evaluation.cli", "mamba_moe.growth.cli", "mamba_moe.growth.context_cli",
+                                   "mamba_moe.memory.cli"]
 
 
 def _load_config(args: argparse.Namespace) -> MambaMoEConfig:

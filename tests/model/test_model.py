@@ -198,3 +198,22 @@ def test_flagship_save_load_round_trip_is_exact(tmp_path):
     assert loaded.config == model.config
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("router", ["soft", "topk"])
+def test_router_logits_stay_fp32_under_bf16_autocast(router, fresh_seed):
+    """bf16 autocast must not reach the router: its logits are the fp32 product (top-k choices near a tie
+    would flip in bf16), as the model states and as llama.cpp computes them (its router tensors stay f32)."""
+    import torch.nn.functional as F
+
+    from mamba_moe.model.ffn import MoEFeedForward
+
+    torch.manual_seed(fresh_seed)
+    config = get_preset("mamba-moe-tiny", moe_router=router, moe_top_k=2)
+    ffn = MoEFeedForward(config)
+    tokens = torch.randn(64, config.d_model)
+    reference = F.linear(tokens, ffn.router.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = ffn._route(tokens, None)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, reference)

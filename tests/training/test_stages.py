@@ -1,4 +1,5 @@
-"""Stages: shipped configs, `--checkpoint DIR` (weights from a previous stage, fresh optimizer), SFT on chats."""
+"""Stages: shipped configs, `--checkpoint DIR` (weights from a previous stage, fresh optimizer), SFT on chats,
+plain RoPE through the stages and YaRN switched on after the last one (`mamba-moe extend-context`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.training import chat_file, tiny_config
+from helpers.training import chat_file
 from safetensors.torch import load_file
 
 from mamba_moe.cli import main
-from mamba_moe.config import ConfigError
+from mamba_moe.config import ConfigError, MambaMoEConfig
 from mamba_moe.data import SFTDataset, load_tokenizer
 from mamba_moe.model import MambaMoEForCausalLM
 from mamba_moe.training import TrainConfig, Trainer
@@ -19,12 +20,20 @@ from mamba_moe.training import TrainConfig, Trainer
 STAGES = ["stage1_pretrain", "stage2_instruction", "stage3_reasoning", "stage4_memory", "stage5_qat"]
 
 
+STAGE1_SEQ_LEN = 192  # longer than stage 2's rows (160): the trained length of what follows is stage 1's
+
+
 @pytest.fixture(scope="module")
 def stage1(corpus, tmp_path_factory) -> Path:
-    """A 2-step stage-1 run of the tiny model (its output folder)."""
+    """A 2-step run of the shipped tiny stage-1 config on the test corpus (its output folder)."""
+    tok, shards = corpus
     out = tmp_path_factory.mktemp("stage1") / "run"
     torch.set_num_threads(1)
-    Trainer(tiny_config(corpus, out, max_steps=2, save_every=2, eval_every=2)).setup().train()
+    cfg = TrainConfig.load("configs/train/tiny/stage1_pretrain.yaml", [
+        "data.source=shards", f"data.path={shards}", f"data.tokenizer={tok}", f"output={out}", "max_steps=2",
+        "save_every=2", "eval_every=2", "eval_batches=2", "batch_size=2", f"seq_len={STAGE1_SEQ_LEN}",
+        "progress=false"])
+    Trainer(cfg).setup().train()
     return out
 
 
@@ -38,6 +47,15 @@ def test_shipped_stage_configs_load() -> None:
         assert (big.qat is not None) == (tiny.qat is not None) == (name == "stage5_qat"), name
     assert TrainConfig.load("configs/train/stage5_qat.yaml").qat.group_size == 32
     assert TrainConfig.load("configs/train/tiny/stage4_memory.yaml").activation_checkpointing
+    # Plain RoPE from stage 1 (YaRN goes on after the last stage), with room for the longest rows of any stage;
+    # stages 2-5 take the model from stage 1's checkpoint and say nothing about it that would be ignored.
+    for prefix in ("configs/train/", "configs/train/tiny/"):
+        first = TrainConfig.load(f"{prefix}stage1_pretrain.yaml").model.build()
+        longest = max(TrainConfig.load(f"{prefix}{name}.yaml").seq_len for name in STAGES)
+        assert first.rope_scaling is None and first.max_position_embeddings == longest, prefix
+        for name in STAGES[1:]:
+            later = TrainConfig.load(f"{prefix}{name}.yaml")
+            assert not later.model.overrides and not later.model.config and later.init_from is None, (prefix, name)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +162,29 @@ def test_packed_chats_are_computed_as_if_alone(explain, stage1, tmp_path) -> Non
             assert rel_error(packed[idx], alone) < 1e-4, d
     model.train()
     assert all(x == x for x in trainer.train().losses)
+
+
+def test_stages_train_plain_rope_and_yarn_is_switched_on_after(explain, stage1, tmp_path, capsys) -> None:
+    """The documented pipeline in small: stage 1 trains plain RoPE, stage 2 inherits the model from the checkpoint
+    (the preset's YaRN does not come back), and extend-context after the last stage switches YaRN on over the
+    longest seq_len trained (stage 1's, found through stage 2's init_from), weights untouched."""
+    first = MambaMoEConfig.load(stage1 / "checkpoints" / "step-000002" / "config.json")
+    assert first.rope_scaling is None and first.max_position_embeddings == 384
+    trainer = Trainer(_stage2(explain, tmp_path, stage1, max_steps=1, eval_every=1, save_every=1)).setup()
+    assert trainer.model.config == first
+    last = trainer.train().checkpoint
+
+    assert main(["extend-context", str(tmp_path / "stage2"), "--show"]) == 0  # a run folder: its newest checkpoint
+    assert f"trained at: {STAGE1_SEQ_LEN} tokens (the longest seq_len of 2 training runs" in capsys.readouterr().out
+    out = tmp_path / "final-yarn4"
+    assert main(["extend-context", str(tmp_path / "stage2"), "--yarn", "4", "-o", str(out)]) == 0
+    config = MambaMoEConfig.load(out / "config.json")
+    assert config.rope_scaling == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": STAGE1_SEQ_LEN,
+                                   "beta_fast": 32.0, "beta_slow": 1.0}
+    assert config.max_position_embeddings == 4 * STAGE1_SEQ_LEN
+    assert config.replace(rope_scaling=None, max_position_embeddings=384) == first
+    assert (out / "model.safetensors").read_bytes() == (last / "model.safetensors").read_bytes()
+    assert load_tokenizer(out).get_vocab() == trainer.tokenizer.get_vocab()
+    model = MambaMoEForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 512, (1, 2 * STAGE1_SEQ_LEN))).logits).all()

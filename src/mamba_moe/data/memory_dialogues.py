@@ -485,15 +485,17 @@ def _filler(plan: _Plan) -> tuple[str, str]:
 
 def reader_rows(conversation: Conversation, k: int = 5) -> list[dict[str, Any]]:
     """One row per probe in the model reader's format (``memory/reader.py``'s ``memory_messages``): the
-    question's current fact (when there is one) among up to ``k - 1`` other current facts of the
-    conversation, in a seeded order, then the gold answer. It teaches answering from injected memory,
-    abstaining when the facts do not say, and ignoring other people's facts."""
+    question's current fact (when there is one) among other current facts of the conversation, ``k`` facts
+    in all where the conversation has them, in a seeded order, then the gold answer. It teaches answering
+    from injected memory, abstaining when the facts do not say, and ignoring other people's facts."""
     current = {p.slot: fact_text(p.slot, p.answer) for p in conversation.probes if p.answer != ABSTAIN}
     rng = random.Random(f"memory-reader-rows-{conversation.id}")
     rows = []
     for j, probe in enumerate(conversation.probes):
         others = [text for slot, text in current.items() if slot != probe.slot]
-        facts = rng.sample(others, min(len(others), k - 1))
+        # As many facts whether or not one answers: the evaluation's reader shows k search hits when the slot
+        # has no current fact, so a shorter list for "I don't know" rows would teach a count, not reading.
+        facts = rng.sample(others, min(len(others), k - (probe.slot in current)))
         if probe.slot in current:
             facts.insert(rng.randint(0, len(facts)), current[probe.slot])
         messages = memory_messages(probe.question, facts)

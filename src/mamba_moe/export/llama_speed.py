@@ -49,8 +49,17 @@ class SpeedRow:
     def decode_median(self) -> float:
         return statistics.median(self.decode_tok_s)
 
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def mib(self) -> float:
+        """Size of what is measured, in MiB (the file)."""
+        return self.path.stat().st_size / 2**20
+
     def summary(self) -> str:
-        return (f"{self.path.name}: {self.path.stat().st_size / 2**20:.1f} MiB, context {self.context}, "
+        return (f"{self.name}: {self.mib:.1f} MiB, context {self.context}, "
                 f"{self.threads} thread(s): decode {self.decode_median:.1f} tok/s (median of "
                 f"{len(self.decode_tok_s)} runs of {self.new_tokens} tokens; all: "
                 f"{', '.join(f'{v:.1f}' for v in self.decode_tok_s)}), prefill {self.prefill_from}->"

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import MambaMoEConfig
 from ..ops.dtypes import cast
-from ..ops.moe import Routing, domain_routing_loss, load_balancing_loss, route, router_z_loss
+from ..ops.moe import AcrossRanks, Routing, domain_routing_loss, load_balancing_loss, route, router_z_loss
 from ..ops.moe_dispatch import mix_packed, pack_experts, soft_moe, sorted_moe
 
 # Below this many tokens an inference call runs the soft mixture expert by expert (see mix_soft).
@@ -166,6 +166,9 @@ class MoEFeedForward(nn.Module):
                                   config.ffn_activation)
         self.shared_expert = (FeedForward(config.d_model, config.moe_shared_expert_hidden_size, config.ffn_activation)
                               if config.moe_shared_expert_hidden_size else None)
+        # Set by a data-parallel trainer (training/parallelize.py): the balance loss then uses every rank's
+        # routing statistics while training, so it is one process's on the global batch.
+        self.balance_across: AcrossRanks | None = None
 
     def pack(self) -> None:
         """Inference only: replace the expert bank and the shared expert by one :class:`PackedExperts`.
@@ -180,7 +183,9 @@ class MoEFeedForward(nn.Module):
     def _route(self, tokens: Tensor, valid: Tensor | None, stats: bool = True) -> tuple[Tensor, Routing]:
         """Router logits (in >= fp32) and the routing of ``tokens`` (n, d)."""
         router_dtype = torch.promote_types(tokens.dtype, torch.float32)  # route in >= fp32
-        logits = F.linear(cast(tokens, router_dtype), cast(self.router.weight, router_dtype))
+        # autocast (bf16 training) would run this product in bf16 whatever its inputs' dtype
+        with torch.autocast(tokens.device.type, enabled=False):
+            logits = F.linear(cast(tokens, router_dtype), cast(self.router.weight, router_dtype))
         return logits, route(logits, self.router_kind, self.top_k, valid, self.capacity_factor, self.min_capacity,
                              stats)
 
@@ -221,7 +226,9 @@ class MoEFeedForward(nn.Module):
         if not router_stats:
             return out, None, None
 
-        balance = load_balancing_loss(logits, routing.assigned, valid)
+        # Only in a training forward: evaluation and sampling may run on one rank alone (a collective would hang).
+        across = self.balance_across if self.training and torch.is_grad_enabled() else None
+        balance = load_balancing_loss(logits, routing.assigned, valid, across)
         z = router_z_loss(logits, valid)
         aux = self.aux_loss_coef * balance + self.z_loss_coef * z
         stats = RouterStats(tokens_per_expert=(routing.weights > 0).sum(0).detach() if self.router_kind != "soft"

@@ -3,12 +3,17 @@
 Token order matters for Switch capacity: tokens are ranked position-major (all sequences' position 0,
 then position 1, ...), so whether a token is dropped depends only on tokens at the same or earlier
 positions, and the layer stays causal.
+
+Data parallel: the balance loss is a product of batch means, so per-rank statistics give another value
+than one process on the global batch; :class:`AcrossRanks` makes :func:`load_balancing_loss` use the
+statistics of every rank's tokens (one all-reduce of 2E + 1 numbers per layer and micro-batch).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,19 +97,68 @@ def route(logits: Tensor, router: str, top_k: int, valid: Tensor | None = None,
     return Routing(weights=weights, assigned=assigned, dropped=dropped)
 
 
-def load_balancing_loss(logits: Tensor, assigned: Tensor, valid: Tensor | None = None) -> Tensor:
+@dataclass(frozen=True)
+class AcrossRanks:
+    """The data-parallel processes whose tokens together form one batch, for :func:`load_balancing_loss`.
+
+    ``group``: their ``torch.distributed`` process group. ``grad_scale``: what the gradient synchronisation
+    divides by (DDP and FSDP average gradients over the group: its size), so that the loss can multiply
+    its gradient back and the averaged gradient is the one of one process on the whole batch.
+    """
+
+    group: Any
+    grad_scale: float
+
+    def __deepcopy__(self, memo: dict) -> AcrossRanks:
+        """Itself: a process group is a handle on the running job, which ``copy.deepcopy`` cannot pickle, and a
+        copy of the model (``growth.lora.merged_copy``, at every checkpoint of a LoRA run) belongs to it too."""
+        return self
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Elementwise sum over the group. A functional collective: torch.compile traces it (no graph break)
+        and nothing waits for the device on the host."""
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.all_reduce(t, "sum", self.group)
+
+
+def load_balancing_loss(logits: Tensor, assigned: Tensor, valid: Tensor | None = None,
+                        across: AcrossRanks | None = None) -> Tensor:
     """Switch/GShard balance loss E * sum_e f_e * P_e; exactly 1.0 when routing is uniform.
 
     f_e: share of (token, choice) assignments that went to expert e; P_e: mean router probability.
     Only P carries gradient, as in the Switch Transformer. Logits should be float32 or wider.
+
+    ``across``: f_e and P_e over the tokens of every rank of the group (each rank passes its own), so the
+    value is that of one process on all of them, on every rank. The gradient flows through this rank's
+    tokens only (P_e = (local sum + the other ranks' sum, detached) / global count) and is multiplied by
+    ``across.grad_scale``: averaged over the ranks by DDP/FSDP it is then one process's gradient.
     """
     N, E = logits.shape
     valid = torch.ones(N, dtype=torch.bool, device=logits.device) if valid is None else valid
+    if across is not None:
+        return _balance_across_ranks(logits, assigned, valid, across)
     count = valid.sum().clamp(min=1)
     probs = torch.softmax(logits, dim=-1) * valid[:, None]
     mean_prob = probs.sum(0) / count
     share = assigned.to(probs.dtype).sum(0) / assigned.sum().clamp(min=1)
     return E * (share * mean_prob).sum()
+
+
+def _balance_across_ranks(logits: Tensor, assigned: Tensor, valid: Tensor, across: AcrossRanks) -> Tensor:
+    """:func:`load_balancing_loss` from the group's summed statistics (see there)."""
+    E = logits.shape[1]
+    probs = torch.softmax(logits, dim=-1) * valid[:, None]
+    prob_sum = probs.sum(0)                                            # this rank's tokens, with gradient
+    # One collective for the three statistics; float64 keeps the counts exact past 2**24 tokens.
+    local = torch.cat([prob_sum.detach().double(), assigned.sum(0).double(), valid.sum().double()[None]])
+    total = across.sum(local)
+    share = total[E:2 * E] / total[E:2 * E].sum().clamp(min=1)         # f_e: global, no gradient
+    count = total[2 * E].clamp(min=1)
+    value = (E * (share * total[:E]).sum() / count).to(probs.dtype)    # the one-process value
+    carrier = E * (share.to(probs.dtype) * prob_sum).sum() / count.to(probs.dtype)
+    # carrier - carrier.detach() is exactly 0: the value stays the global one, the gradient is carrier's, scaled.
+    return value + across.grad_scale * (carrier - carrier.detach())
 
 
 def router_z_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:

@@ -5,6 +5,12 @@ position is a target. Fine-tuning (``data.source: chat``) reads JSONL chats with
 targets only on the assistant's tokens (``-100`` elsewhere), one chat per row padded on the right unless
 ``data.pack`` (see docs/training.md, "SFT rows": the model has no position ids, so packed chats would share
 positional context and recurrent state across chat boundaries). Both become a :class:`StepBatch`.
+
+A step's rows are read micro-batch by micro-batch (:meth:`TrainData.next`): micro-batch i of every rank is
+its slice of the loaders' global micro-batch i, so the global micro-batches, and with them per-micro-batch
+statistics such as the router's balance loss, are the same for any number of processes with the same
+``world_size * batch_size``; the loader's state is a position in that global order, so it resumes under
+another world size.
 """
 
 from __future__ import annotations
@@ -49,6 +55,15 @@ class StepBatch:
             return None if t is None else t.to(device)
         return StepBatch(self.input_ids.to(device), self.targets.to(device), move(self.attention_mask),
                          self.domain_ids.to(device), self.window_ids, move(self.document_ids))
+
+    @staticmethod
+    def cat(parts: list[StepBatch]) -> StepBatch:
+        """The rows of ``parts``, in order, as one batch."""
+        def rows(get: Any) -> Tensor | None:
+            tensors = [get(p) for p in parts]
+            return None if tensors[0] is None else torch.cat(tensors)
+        return StepBatch(rows(lambda p: p.input_ids), rows(lambda p: p.targets), rows(lambda p: p.attention_mask),
+                         rows(lambda p: p.domain_ids), rows(lambda p: p.window_ids), rows(lambda p: p.document_ids))
 
     def split(self, size: int) -> list[StepBatch]:
         """Micro-batches of ``size`` rows."""
@@ -152,7 +167,7 @@ class TrainData:
                 barrier(self.dist)
         self.tokenizer, self.shards = tok, shards
         self.train_ds = PackedDataset(shards, cfg.seq_len, "train", tokenizer=tok)
-        self._loader = PackedLoader(self.train_ds, cfg.batch_size * cfg.grad_accum, rank=self.dist.rank,
+        self._loader = PackedLoader(self.train_ds, cfg.batch_size, rank=self.dist.rank,
                                     world_size=self.dist.world_size, seed=cfg.seed)
         try:
             self.val_ds: Any = PackedDataset(shards, cfg.seq_len, "val",
@@ -179,7 +194,7 @@ class TrainData:
         except DataError as err:
             raise ConfigError(f"data.path: {paths}: {err}") from err
         self.domains = ["chat"]
-        self._loader = SFTLoader(self.train_ds, cfg.seq_len, cfg.batch_size * cfg.grad_accum, pack=d.pack,
+        self._loader = SFTLoader(self.train_ds, cfg.seq_len, cfg.batch_size, pack=d.pack,
                                  rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.seed)
         self.val_ds = None
         if val:
@@ -203,7 +218,11 @@ class TrainData:
         return f"data {self.cfg.data.path}; {len(self.train_ds):,} train chats ({rows}, seq {self.cfg.seq_len})"
 
     def next(self) -> StepBatch:
-        batch = next(self._loader)
+        """This rank's rows of the next step: ``grad_accum`` micro-batches of ``batch_size`` rows, one loader
+        batch each (see the module doc: with one process, the rows one loader batch of the whole step holds)."""
+        return StepBatch.cat([self._batch(next(self._loader)) for _ in range(self.cfg.grad_accum)])
+
+    def _batch(self, batch: Any) -> StepBatch:
         if self.token_weighted:
             return _chat(batch, self.cfg.data.pack)
         return _packed(batch, self._train_map, self.cfg.data.isolate_documents)

@@ -94,8 +94,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"unigram entropy of the training tokens: {entropy:.3f} nats/token (no validation split)")
     print(f"checkpoint: {result.checkpoint} (model + tokenizer + trainer state)")
     if result.stopped_early:
-        print(f"stopped by --time-limit at step {result.step} of {cfg.max_steps}; continue with: mamba-moe train "
-              f"--config {args.config} --resume" + "".join(f" {o}" for o in args.overrides), flush=True)
+        print(f"stopped by --time-limit at step {result.step} of {cfg.max_steps}; continue with: "
+              f"{_train_command(trainer.dist.world_size)} --config {args.config} --resume"
+              + "".join(f" {o}" for o in args.overrides), flush=True)
     if result.quantized:
         print(f"QAT: quantized weights (convert_qat) in {result.quantized}")
     if cfg.sample_tokens:
@@ -106,6 +107,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                               seed=cfg.seed))
     print(f"wall time {time.perf_counter() - start:.0f}s; {result.tokens_per_s:.0f} train tokens/s", flush=True)
     return 0
+
+
+def _train_command(world_size: int) -> str:
+    """How this run was started: ``mamba-moe train``, or torchrun's launch for one machine (several machines:
+    their own torchrun options, not known here, so only the part after them)."""
+    import os
+    import shlex
+
+    from .distributed import launch_command
+
+    if world_size == 1:
+        return "mamba-moe train"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size:
+        return shlex.join(launch_command(world_size))
+    return "torchrun <the same options> " + shlex.join(launch_command(world_size)[-3:])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def launch_command(nproc: int | str) -> list[str]:
+    """The command that runs ``mamba-moe train`` on ``nproc`` processes of one machine (docs/training.md shows
+    it; the tests launch it; ``--time-limit`` prints it to continue): arguments follow, ``--config FILE ...``."""
+    return ["torchrun", "--standalone", "--nproc_per_node", str(nproc), "-m", "mamba_moe", "train"]
 
 
 def init_distributed(device_type: str) -> DistInfo:
@@ -57,6 +64,15 @@ def sum_across_ranks(value: float, info: DistInfo, device: torch.device) -> floa
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t[0])
+
+
+def sum_tensor_across_ranks(t: Tensor, info: DistInfo) -> Tensor:
+    """Elementwise sum of a tensor over the ranks (a new tensor; ``t`` itself for one process)."""
+    if not info.enabled:
+        return t
+    total = t.clone()
+    dist.all_reduce(total)
+    return total
 
 
 def barrier(info: DistInfo) -> None:

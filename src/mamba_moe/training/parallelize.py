@@ -10,6 +10,11 @@ accumulation, clipping, the state dicts a checkpoint saves and loads, and a plai
 - :class:`FSDP` (``fully_shard`` per block + root, ``fsdp.py``; state dicts gathered to rank 0 and keyed by
   parameter name, loaded back into the shards).
 
+Under DDP and FSDP the MoE layers' balance loss is computed from every rank's routing statistics
+(:func:`share_router_statistics`), so it is the one of one process on the global batch. A checkpoint of
+any strategy and world size resumes under any other: the weights are whole in every case, the optimizer
+state is translated between the two layouts (``optimizer_layout.py``).
+
 Order, as before this module existed (and bitwise resume depends on nothing here changing numerics):
 activation checkpointing, then the DDP/FSDP wrapping, then compilation — per block in place, so the
 wrappers and checkpoints see the same modules and names, or the whole wrapped forward.
@@ -26,10 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from ..model import MambaMoEForCausalLM
+from ..model.ffn import MoEFeedForward
+from ..ops.moe import AcrossRanks
 from ..validation import ConfigError
 from .checkpoint import load_plain_weights
 from .config import TrainConfig
 from .distributed import DistInfo, sum_across_ranks
+from .optimizer_layout import BY_NAME, POSITIONAL, convert
 
 
 def choose_strategy(cfg: TrainConfig, dist: DistInfo, device: torch.device, model: nn.Module) -> str:
@@ -63,8 +71,8 @@ class Parallel:
 
     name = "none"
     # How the saved optimizer state is keyed: by parameter position (torch's own state_dict) or by name
-    # (FSDP's gathered form). A checkpoint resumes only under a strategy with the same layout.
-    optimizer_layout = "positional"
+    # (FSDP's gathered form); a checkpoint in the other layout is translated on load.
+    optimizer_layout = POSITIONAL
 
     def __init__(self, model: nn.Module, device: torch.device, dist: DistInfo, compile_mode: str) -> None:
         self.model = model
@@ -115,20 +123,21 @@ class Parallel:
         return optimizer.state_dict()
 
     def load(self, weights: dict[str, Tensor], optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any],
-             source: str) -> None:
+             source: str, saved_by: str = "none") -> None:
+        """Load a checkpoint's weights and optimizer state, written by strategy ``saved_by`` (any)."""
         load_plain_weights(self.model, weights, source)
-        optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(self._optimizer_state_for_me(optimizer_state, saved_by, optimizer, source))
+
+    def _optimizer_state_for_me(self, state: dict[str, Any], saved_by: str, optimizer: torch.optim.Optimizer,
+                                source: str) -> dict[str, Any]:
+        if saved_by not in _STRATEGIES:
+            raise ConfigError(f"--resume: {source} was written by an unknown strategy {saved_by!r}")
+        return convert(state, _STRATEGIES[saved_by].optimizer_layout, self.optimizer_layout, self.model, optimizer,
+                       source)
 
     def standalone_model(self, checkpoint: Path | None) -> MambaMoEForCausalLM:
         """A model this process can run alone (the end-of-run sample)."""
         return self.model
-
-    def check_resumable(self, saved: str, path: Path) -> None:
-        """Refuse a checkpoint whose optimizer state another strategy wrote in a layout this one cannot read."""
-        layout = _STRATEGIES.get(saved, Parallel).optimizer_layout
-        if layout != self.optimizer_layout:
-            raise ConfigError(f"--resume: {path} was written by a {saved} run; its optimizer state does not fit a "
-                              f"{self.name} run (keep distributed= as it was)")
 
 
 class DDP(Parallel):
@@ -153,7 +162,7 @@ class FSDP(Parallel):
     checkpoints (collectives: every rank calls them), so the files are those one process writes."""
 
     name = "fsdp"
-    optimizer_layout = "by-name"
+    optimizer_layout = BY_NAME
 
     def __init__(self, model: nn.Module, device: torch.device, dist: DistInfo, compile_mode: str,
                  bf16: bool = False) -> None:
@@ -191,17 +200,30 @@ class FSDP(Parallel):
         return full_optimizer_state(self.model, optimizer)
 
     def load(self, weights: dict[str, Tensor], optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any],
-             source: str) -> None:
+             source: str, saved_by: str = "fsdp") -> None:
         from .fsdp import load_full_model_state, load_full_optimizer_state
 
         load_full_model_state(self.model, weights)
-        load_full_optimizer_state(self.model, optimizer, optimizer_state)
+        load_full_optimizer_state(self.model, optimizer,
+                                  self._optimizer_state_for_me(optimizer_state, saved_by, optimizer, source))
 
     def standalone_model(self, checkpoint: Path | None) -> MambaMoEForCausalLM:
         return MambaMoEForCausalLM.from_pretrained(checkpoint, device=self.device)
 
 
 _STRATEGIES: dict[str, type[Parallel]] = {"none": Parallel, "ddp": DDP, "fsdp": FSDP}
+
+
+def share_router_statistics(model: nn.Module, dist: DistInfo) -> int:
+    """Make every MoE layer's balance loss use the routing statistics of all ranks (``ops.moe.AcrossRanks``);
+    returns the number of layers set. DDP and FSDP average gradients over all ranks: the scale is their count."""
+    import torch.distributed
+
+    across = AcrossRanks(torch.distributed.group.WORLD, float(dist.world_size))
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    for layer in layers:
+        layer.balance_across = across
+    return len(layers)
 
 
 def parallelize(model: MambaMoEForCausalLM, cfg: TrainConfig, dist: DistInfo, device: torch.device,
@@ -211,6 +233,8 @@ def parallelize(model: MambaMoEForCausalLM, cfg: TrainConfig, dist: DistInfo, de
     if cfg.activation_checkpointing:
         model.set_gradient_checkpointing(True)
     name = choose_strategy(cfg, dist, device, model)
+    if name != "none":  # before wrapping and compiling, so compiled blocks see the setting from the start
+        share_router_statistics(model, dist)
     mode = compile_mode(cfg, device)
     if name == "fsdp":
         return FSDP(model, device, dist, mode, bf16=amp)

@@ -52,7 +52,14 @@ from .checkpoint import (
     write_weights,
 )
 from .config import TrainConfig
-from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, sum_across_ranks
+from .distributed import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    mean_across_ranks,
+    sum_across_ranks,
+    sum_tensor_across_ranks,
+)
 from .metrics import MetricsWriter, drop_after
 from .objective import build_objective, domain_routing_table
 from .optim import build_optimizer, no_decay
@@ -241,7 +248,7 @@ class Trainer:
             # micro-batch's replay overwrites (.float() alone returns the same tensor when it is fp32).
             loads.append([s.tokens_per_expert.detach().float().clone() for s in stats])
         names = list(part_sums)
-        loads = [[t.cpu() for t in row] for row in loads]
+        loads = _global_loads(loads, self.dist)
         means = mean_across_ranks([float(main_sum), float(aux_sum), *(float(v) for v in part_sums.values())],
                                   self.dist, self.device)
         main_mean, aux_mean = means[0], means[1]
@@ -307,7 +314,7 @@ class Trainer:
             self.last_checkpoint = path
             return path
         state = {"step": self.step, "optimizer": optimizer, "loader": self.data.state_dict(), "rng": rng_state(),
-                 "parallel": self.parallel}
+                 "parallel": self.parallel, **self._batch_geometry()}
         if self.cfg.lora is not None:
             # model.safetensors: the adapted model with the adapter folded in, so generate / eval / export read
             # a LoRA run's checkpoint as any other; the adapter itself beside it in PEFT's format.
@@ -350,7 +357,7 @@ class Trainer:
                 if self.dist.is_main:
                     self.log(f"--resume: skipping {path}: {reason}; falling back to the previous checkpoint")
                 continue
-            self.plan.check_resumable(state.get("parallel", "none"), path)
+            self._note_batch_geometry(state, path)
             if self.cfg.lora is not None:
                 # The base came from --checkpoint (restore_lora checks it is the adapter's base); the saved
                 # weights are the merged ones, so only the adapter and the optimizer over it are loaded.
@@ -362,15 +369,36 @@ class Trainer:
                 raise ConfigError(f"--resume: {path} is a checkpoint of a LoRA run; keep the config's lora section "
                                   "(and --checkpoint BASE) to resume it")
             else:
-                self.plan.load(weights, self.optimizer, state["optimizer"], str(path))
+                self.plan.load(weights, self.optimizer, state["optimizer"], str(path), state.get("parallel", "none"))
             self.growth_history = read_history(path)
             self.data.load_state_dict(state["loader"])
-            set_rng_state(state["rng"])
+            set_rng_state(_rng_for_this_machine(state["rng"]))
             self.step = int(state["step"])
             self.last_checkpoint = path
             return path
         raise CheckpointError(f"--resume: no complete checkpoint under {self.ckpt_root} ({'; '.join(skipped)}); "
                               "start the run afresh without --resume")
+
+    def _batch_geometry(self) -> dict[str, int]:
+        """What makes a step the same step whatever the number of processes: the rows of one global micro-batch
+        and the micro-batches per step (``TrainData.next``), beside the world size that wrote the checkpoint."""
+        return {"world_size": self.dist.world_size, "micro_batch_rows": self.cfg.batch_size * self.dist.world_size,
+                "grad_accum": self.cfg.grad_accum}
+
+    def _note_batch_geometry(self, state: dict[str, Any], path: Path) -> None:
+        """Resuming with another number of processes is allowed (the data position is global); say so, and
+        warn when the global batch changed too: the run then continues, but not as the uninterrupted one."""
+        if not self.dist.is_main or "world_size" not in state:  # older checkpoints did not record it
+            return
+        now = self._batch_geometry()
+        if state["world_size"] != now["world_size"]:
+            self.log(f"--resume: {path} was written by {state['world_size']} process(es); continuing with "
+                     f"{now['world_size']}")
+        if (state["micro_batch_rows"], state["grad_accum"]) != (now["micro_batch_rows"], now["grad_accum"]):
+            self.log(f"--resume: warning: the global batch changed: it was {state['grad_accum']} micro-batch(es) of "
+                     f"{state['micro_batch_rows']} rows (world_size x batch_size), now {now['grad_accum']} of "
+                     f"{now['micro_batch_rows']}; the data continues where it stopped, but the steps differ from "
+                     "the uninterrupted run's (set batch_size to keep world_size x batch_size)")
 
     def save_quantized(self) -> Path:
         """QAT: ``<output>/final-quantized``, the model with the fake quantization applied for good
@@ -504,6 +532,23 @@ class Trainer:
 def _agree(flag: bool, dist: DistInfo, device: torch.device) -> bool:
     """True on every rank when it is true on any (one rank's slow clock cannot leave the others waiting)."""
     return sum_across_ranks(float(flag), dist, device) > 0 if dist.enabled else flag
+
+
+def _rng_for_this_machine(rng: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's RNG state with its CUDA part cut to the GPUs this process sees: rank 0 saved one state per
+    GPU of its machine, and resumed on fewer (another world size), ``torch.cuda.set_rng_state_all`` would fail
+    on the first device ordinal missing here."""
+    if "cuda" in rng and torch.cuda.is_available():
+        return {**rng, "cuda": list(rng["cuda"])[:torch.cuda.device_count()]}
+    return rng
+
+
+def _global_loads(loads: list[list[Tensor]], dist: DistInfo) -> list[list[Tensor]]:
+    """Tokens per expert of each micro-batch and MoE layer, summed over the ranks (on the CPU, for logging)."""
+    if not dist.enabled or not loads or not loads[0]:
+        return [[t.cpu() for t in row] for row in loads]
+    total = sum_tensor_across_ranks(torch.stack([torch.stack(row) for row in loads]), dist).cpu()
+    return [list(row.unbind(0)) for row in total.unbind(0)]
 
 
 def _add(total: Tensor | None, value: Tensor) -> Tensor:

@@ -15,24 +15,34 @@ retraction), ``stale_rate`` (latest probes answered with an earlier value), ``ab
 facts answered "I don't know"), ``deleted`` and ``deleted_leaks`` (answers naming a value the user asked
 to forget, plus rows of a forgotten slot the store still holds or returns by keyword search, or that reach
 the model reader's prompt), ``gold_in_prompt`` (answerable probes whose gold value is among the facts the
-model reader is shown: the ceiling retrieval sets for the model), and the
-conversations' length in the model's tokens next to its context, so "longer than the context" is measured,
-not assumed. Intervals are bootstraps over conversations (the probes of one are not independent).
+model reader is shown: the ceiling retrieval sets for the model), ``failures`` (why each wrong answer is
+wrong, per kind: :func:`failure`), and the conversations' length in the model's tokens next to its context,
+so "longer than the context" is measured, not assumed. Intervals are bootstraps over conversations (the
+probes of one are not independent).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
 from ...data.chatml import render_chat_text
 from ...data.memory_dialogues import EVAL_SEEDS, KINDS, Conversation, DialogueConfig, generate
 from ...memory.extract import Extractor, apply_operations
-from ...memory.reader import answers_match, is_abstention, memory_messages, mentions, oracle_answer, retrieve
-from ...memory.slots import ABSTAIN
+from ...memory.reader import (
+    answers_match,
+    is_abstention,
+    memory_messages,
+    mentions,
+    normalize_answer,
+    oracle_answer,
+    retrieve,
+)
+from ...memory.slots import ABSTAIN, split_slot
 from ..backends.base import Backend, GenRequest
 from ..stats import clustered_interval, wilson_interval
 from .base import Item, Option, Task, positive_int
@@ -121,6 +131,7 @@ class MemoryRecall(Task):
                         "conversation": c, "kind": probe.kind, "slot": probe.slot, "oracle": answer.text,
                         "stale": list(probe.stale), "forgotten": list(probe.forgotten),
                         "distractors": list(probe.distractors), "store_leaks": leaked,
+                        "prompt_facts": [[r.slot, r.value] for r in records],
                         "gold_in_prompt": probe.answer != ABSTAIN and any(mentions(f, probe.answer) for f in facts),
                         "prompt_leaks": sum(any(mentions(f, v) for f in facts) for v in probe.forgotten)}))
         max_context = backend.max_context
@@ -173,10 +184,13 @@ class MemoryRecall(Task):
         index_leaks = sum(int(r["meta"]["store_leaks"]) + int(r["meta"]["prompt_leaks"]) for r in deleted)
         answerable = [r for r in records if r["meta"]["kind"] in ("recall", "latest") and r["target"] != ABSTAIN]
         in_prompt = sum(bool(r["meta"]["gold_in_prompt"]) for r in answerable)
+        failures = {kind: dict(sorted(Counter(r["verdict"].get("failure") for rs in by_kind[kind].values()
+                                              for r in rs if r["verdict"].get("failure")).items()))
+                    for kind in KINDS}
         return {**recall, "latest": rate("latest", "correct"), "stale_rate": rate("latest", "stale"),
                 "abstention": rate("abstain", "correct"), "deleted": rate("deleted", "correct"),
                 "deleted_leaks": answer_leaks + index_leaks, "deleted_leaks_in_answers": answer_leaks,
-                "deleted_leaks_in_store": index_leaks,
+                "deleted_leaks_in_store": index_leaks, "failures": failures,
                 "gold_in_prompt": {"value": in_prompt / len(answerable) if answerable else None,
                                    "n": len(answerable)},
                 "accuracy": {"value": sum(bool(r["verdict"]["correct"]) for r in records) / max(1, len(records)),
@@ -185,9 +199,40 @@ class MemoryRecall(Task):
 
 
 def judge(answer: str, gold: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """One probe's verdict: right or wrong, and whether the answer was stale or leaked a forgotten value."""
+    """One probe's verdict: right or wrong, whether the answer was stale or leaked a forgotten value, and why
+    a wrong one is wrong (:func:`failure`)."""
     correct = answers_match(answer, gold)
     stale = not correct and any(mentions(answer, v) for v in meta["stale"])
     leak = any(mentions(answer, v) for v in meta["forgotten"])
     return {"score": float(correct), "correct": correct, "answer": answer, "abstained": is_abstention(answer),
-            "stale": stale, "leak": leak}
+            "stale": stale, "leak": leak, "failure": None if correct else failure(answer, gold, meta)}
+
+
+FAILURES = ("abstained", "stale", "leaked", "other_person", "other_attribute", "garbled_copy", "not_in_prompt")
+GARBLED_RATIO = 0.6
+
+
+def failure(answer: str, gold: str, meta: dict[str, Any]) -> str:
+    """Why a wrong answer is wrong, checked in this order (the first that holds):
+
+    ``abstained`` (``I don't know`` where the gold is a value), ``stale`` (an earlier value of the slot),
+    ``leaked`` (a value the user asked to forget), ``other_person`` / ``other_attribute`` (the value of
+    another fact shown in the prompt: the same attribute of someone else, as "my sister's name" for "my
+    name", or another attribute), ``garbled_copy`` (not in the prompt but resembling the gold: a shared word,
+    or a character-level similarity of at least ``GARBLED_RATIO``: a copy that went wrong part-way), and
+    ``not_in_prompt`` (anything else, including a value where the answer should have been an abstention)."""
+    if is_abstention(answer):
+        return "abstained"
+    if any(mentions(answer, v) for v in meta["stale"]):
+        return "stale"
+    if any(mentions(answer, v) for v in meta["forgotten"]):
+        return "leaked"
+    attribute = split_slot(meta["slot"])[1].key
+    for slot, value in meta.get("prompt_facts", ()):
+        if value and slot and slot != meta["slot"] and answers_match(answer, value):
+            return "other_person" if split_slot(slot)[1].key == attribute else "other_attribute"
+    if not is_abstention(gold):
+        said, want = normalize_answer(answer), normalize_answer(gold)
+        if set(said.split()) & set(want.split()) or SequenceMatcher(None, said, want).ratio() >= GARBLED_RATIO:
+            return "garbled_copy"
+    return "not_in_prompt"

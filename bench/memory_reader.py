@@ -1,0 +1,198 @@
+"""The memory evaluation's model-reader row from a small reader trained on this CPU (docs/memory.md, issue 19).
+
+    python bench/memory_reader.py                        # data, tokenizer, training, then eval seeds 0 1 2
+    python bench/memory_reader.py --skip-train           # evaluate (and break down) an existing run
+    python bench/memory_reader.py --eval-seeds 0 --eval-conversations 5
+
+Not a test and not run in CI: it trains for ~15 minutes (at most 17: ``--time-limit``). Every step is the
+command a user runs, timed:
+
+1. ``mamba-moe data memory-dialogues --format reader``: one probe a row in the model reader's prompt, from
+   *training* seeds (the evaluation reads the held-out seeds 1 000 000 + s);
+2. ``mamba-moe data train-tokenizer`` on those rows' text (the checkpoint carries it; the evaluation's model
+   reader encodes its prompts with the checkpoint's own tokenizer);
+3. ``mamba-moe train --config configs/train/memory_reader_cpu.yaml``;
+4. ``mamba-moe eval RUN --tasks memory --chat --set memory.reader=model`` per evaluation seed, and the
+   same for ``memory.reader=oracle`` (the store and retrieval alone) beside it;
+5. the wrong answers counted by why they are wrong (the report's ``failures``), with a few examples each.
+
+The model is a small reader trained only on the reader task, not the 300M chat model of stage 4: its
+numbers say what a model of this size learns of the reading step in a CPU budget, nothing about stage 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _machine import cpu_name
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/train/memory_reader_cpu.yaml"
+KINDS = ("recall", "latest", "abstain", "deleted")
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run one command from the repository root, its output teed to ``log``; the wall seconds it took."""
+    print("$ " + shlex.join(cmd), flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            if not line.startswith("step ") or "val loss" in line:   # per-step lines: the log only
+                print("  " + line, end="", flush=True)
+        code = proc.wait()
+    seconds = time.perf_counter() - start
+    if code:
+        raise SystemExit(f"failed with exit code {code} after {seconds:.0f}s (log: {log})")
+    print(f"  ({seconds:.1f}s wall)", flush=True)
+    return seconds
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mamba_moe", *args]
+
+
+def write_tokenizer_text(rows_path: Path, text_path: Path, max_rows: int) -> int:
+    """The message contents of the first ``max_rows`` reader rows as one text file (what the BPE learns
+    from: the reader's prompt, the facts, the questions and the answers); the rows written."""
+    chunks = []
+    with open(rows_path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i >= max_rows:
+                break
+            chunks.append("\n".join(m["content"] for m in json.loads(line)["messages"]))
+    tmp = text_path.with_suffix(".tmp")
+    tmp.write_text("\n\n".join(chunks) + "\n", encoding="utf-8")
+    os.replace(tmp, text_path)
+    return len(chunks)
+
+
+def rate(entry: dict, key: str | None = None) -> str:
+    value = entry if key is None else entry[key]
+    if value["value"] is None:
+        return "–"
+    return f"{value['value']:.3f} ({value['n']})"
+
+
+def table_row(label: str, seed: int, entry: dict) -> str:
+    probes = sum(entry[k]["n"] for k in ("latest", "abstention", "deleted")) + entry["n"]
+    return (f"| {label} | {seed} | {probes} | {rate(entry)} | {rate(entry, 'latest')} | "
+            f"{entry['stale_rate']['value']:.3f} | {rate(entry, 'abstention')} | {rate(entry, 'deleted')} | "
+            f"{entry['deleted_leaks']} | {entry['gold_in_prompt']['value']:.3f} ({entry['gold_in_prompt']['n']}) |")
+
+
+def breakdown(eval_dir: Path, examples: int) -> list[str]:
+    """Counts of wrong answers by probe kind and failure, with a few examples of each failure."""
+    records = [json.loads(line) for line in (eval_dir / "samples" / "memory.jsonl").read_text().splitlines()]
+    lines, shown = [], {}
+    by_kind: dict[str, dict[str, int]] = {k: {} for k in KINDS}
+    for r in records:
+        failure = r["verdict"].get("failure")
+        if failure:
+            by_kind[r["meta"]["kind"]][failure] = by_kind[r["meta"]["kind"]].get(failure, 0) + 1
+            shown.setdefault(failure, []).append(r)
+    for kind in KINDS:
+        n = sum(r["meta"]["kind"] == kind for r in records)
+        wrong = by_kind[kind]
+        parts = ", ".join(f"{f} {c}" for f, c in sorted(wrong.items(), key=lambda kv: -kv[1])) or "none"
+        lines.append(f"  {kind}: {sum(wrong.values())} wrong of {n}: {parts}")
+    for failure, rs in sorted(shown.items()):
+        lines.append(f"  {failure}, e.g.:")
+        for r in rs[:examples]:
+            facts = [f[2:] for f in r["messages"][0]["content"].split("\n") if f.startswith("- ")]
+            lines.append(f"    {r['meta']['kind']}: {r['meta']['slot']!r} gold {r['target']!r}, answered "
+                         f"{r['verdict']['answer']!r}; prompt facts: {facts}")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/memory_reader", help="where data, tokenizer, run and evals go")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of the reader rows (0..999999)")
+    ap.add_argument("--conversations", type=int, default=2500, help="training conversations (~14 rows each)")
+    ap.add_argument("--sessions", type=int, default=8, help="sessions per training conversation")
+    ap.add_argument("--vocab-size", type=int, default=400, help="tokenizer size (the config explains 400)")
+    ap.add_argument("--tokenizer-rows", type=int, default=10000, help="reader rows the tokenizer learns from")
+    ap.add_argument("--time-limit", type=float, default=1020,
+                    help="mamba-moe train --time-limit: stop training after this many seconds (default 17 minutes, "
+                         "so data + tokenizer + training stay within 20 on a loaded machine)")
+    ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--eval-conversations", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the evaluation")
+    ap.add_argument("--examples", type=int, default=3, help="wrong answers shown per failure")
+    ap.add_argument("--skip-train", action="store_true", help="reuse OUT's data, tokenizer and run")
+    ap.add_argument("--skip-oracle", action="store_true", help="evaluate the model reader only")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="extra mamba-moe train overrides")
+    args = ap.parse_args()
+
+    out = ROOT / args.out
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    rows = out / "data" / "reader.jsonl"
+    text = out / "data" / "tokenizer-text.txt"
+    tokenizer, model = out / "tokenizer", out / "model"
+    rel = lambda p: str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)   # noqa: E731
+    print(f"# memory reader on CPU: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, Python {platform.python_version()}")
+    times: dict[str, float] = {}
+    if not args.skip_train:
+        times["data"] = run(cli("data", "memory-dialogues", "--seed", str(args.seed), "--conversations",
+                                str(args.conversations), "--sessions", str(args.sessions), "--format", "reader",
+                                "--out", rel(rows)), out / "logs" / "data.log")
+        start = time.perf_counter()
+        n = write_tokenizer_text(rows, text, args.tokenizer_rows)
+        times["tokenizer text"] = time.perf_counter() - start
+        print(f"  tokenizer text: {n} rows -> {rel(text)}")
+        times["tokenizer"] = run(cli("data", "train-tokenizer", rel(text), "--output", rel(tokenizer),
+                                     "--vocab-size", str(args.vocab_size)), out / "logs" / "tokenizer.log")
+        train = cli("train", "--config", CONFIG, f"data.path={rel(rows)}", f"data.tokenizer={rel(tokenizer)}",
+                    f"output={rel(model)}", "progress=false", *args.overrides)
+        if args.time_limit:
+            at = train.index("train") + 1
+            train[at:at] = ["--time-limit", str(args.time_limit)]
+        times["train"] = run(train, out / "logs" / "train.log")
+        total = sum(times.values())
+        parts = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+        print(f"data + tokenizer + training: {total:.0f}s wall ({parts})")
+
+    results = []
+    for seed in args.eval_seeds:
+        readers = ["model"] if args.skip_oracle else ["model", "oracle"]
+        for reader in readers:
+            eval_dir = out / f"eval-{reader}-seed{seed}"
+            cmd = cli("eval", rel(model), "--tasks", "memory", "--seed", str(seed), "--set", f"memory.reader={reader}",
+                      "--set", f"memory.conversations={args.eval_conversations}", "--threads", str(args.threads),
+                      "--output", rel(eval_dir), "--no-progress")
+            if reader == "model":
+                cmd.insert(cmd.index("--seed"), "--chat")
+            seconds = run(cmd, out / "logs" / f"eval-{reader}-seed{seed}.log")
+            entry = json.loads((eval_dir / "report.json").read_text())["tasks"]["memory"]
+            results.append((reader, seed, entry, eval_dir, seconds))
+
+    print("\n| reader | eval seed | probes | recall | latest | stale | abstention | deleted | deleted leaks | "
+          "gold in prompt |\n|---|---|---|---|---|---|---|---|---|---|")
+    for reader, seed, entry, _, _ in results:
+        print(table_row("model: CPU reader" if reader == "model" else "oracle", seed, entry))
+    for reader, seed, entry, eval_dir, seconds in results:
+        if reader != "model":
+            continue
+        tokens = entry["conversation_tokens"]
+        print(f"\nseed {seed} ({seconds:.0f}s; conversations {tokens['min']}-{tokens['max']} {entry['token_unit']}, "
+              f"context {entry['max_context']}): wrong answers")
+        print("\n".join(breakdown(eval_dir, args.examples)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
