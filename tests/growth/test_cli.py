@@ -5,15 +5,13 @@ names the field and leaves no output behind."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from helpers.numerics import rel_error
-from helpers.training import tiny_config
+from helpers.training import save_tiny_checkpoint, tiny_config
 
 from mamba_moe.cli import main
-from mamba_moe.config import get_preset
 from mamba_moe.growth import HISTORY_NAME, format_history, read_history
 from mamba_moe.model.lm import MambaMoEForCausalLM
 from mamba_moe.training import Trainer
@@ -21,16 +19,7 @@ from mamba_moe.training import Trainer
 
 def _checkpoint(corpus, path, **overrides):
     """A random tiny checkpoint (vocab of the tiny corpus) with the corpus tokenizer beside it."""
-    tok, _ = corpus
-    model = MambaMoEForCausalLM(get_preset("mamba-moe-tiny", **overrides))
-    with torch.no_grad():  # away from the initial values (norms at 1, diff2's lambda at 0, ...)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(path)
-    for f in tok.iterdir():
-        if f.is_file():
-            shutil.copy2(f, path / f.name)
-    return path
+    return save_tiny_checkpoint(corpus, path, **overrides)
 
 
 def _logits(path, ids):

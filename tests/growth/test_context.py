@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.numerics import rel_error
-from helpers.training import tiny_config
+from helpers.training import save_tiny_checkpoint, tiny_config
 from safetensors.torch import load_file
 
 from mamba_moe.atomic import TMP_MARK
 from mamba_moe.cli import main
-from mamba_moe.config import MambaMoEConfig, get_preset
+from mamba_moe.config import MambaMoEConfig
 from mamba_moe.data import load_tokenizer
 from mamba_moe.growth import read_history
 from mamba_moe.growth.common import GrowthError
@@ -36,16 +36,7 @@ def _checkpoint(corpus, path: Path, seq_len: int | None = 48, init_from: str | N
                 output: str | None = None, **overrides) -> Path:
     """A random tiny checkpoint with plain RoPE (unless overridden), the corpus tokenizer beside it, and, with
     ``seq_len``, the train_config.yaml a training run would have left in it."""
-    tok, _ = corpus
-    config = get_preset("mamba-moe-tiny", **{"rope_scaling": None, **overrides})
-    model = MambaMoEForCausalLM(config)
-    with torch.no_grad():  # away from the initial values, so a weight lost on the way would show
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(path)
-    for f in tok.iterdir():
-        if f.is_file():
-            shutil.copy2(f, path / f.name)
+    save_tiny_checkpoint(corpus, path, **{"rope_scaling": None, **overrides})
     if seq_len is not None:
         changes = {"seq_len": seq_len, "init_from": init_from}
         tiny_config(corpus, Path(output or path), **changes).save(path / "train_config.yaml")

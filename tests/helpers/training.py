@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mamba_moe.config import get_preset
 from mamba_moe.data import prepare_stdlib, stdlib_tokenizer
+from mamba_moe.model.lm import MambaMoEForCausalLM
 from mamba_moe.training import TrainConfig
 
 _CORPUS: list[tuple[Path, Path]] = []
@@ -57,3 +62,18 @@ def two_domain_corpus(root: Path, tok: Path) -> Path:
                                    {"name": "prose", "kind": "files", "domain": "prose", "paths": [str(prose)],
                                     "weight": 2.5}]))  # about as many prose windows as code ones per batch
     return shards
+
+
+def save_tiny_checkpoint(corpus: tuple[Path, Path], path: Path, **overrides: Any) -> Path:
+    """A random tiny checkpoint (the preset with ``overrides``, weights moved away from their initial values:
+    norms at 1, diff2's lambda at 0, ...) with the tiny corpus's tokenizer beside it, as a trainer leaves one."""
+    tok, _ = corpus
+    model = MambaMoEForCausalLM(get_preset("mamba-moe-tiny", **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path)
+    for f in tok.iterdir():
+        if f.is_file():
+            shutil.copy2(f, path / f.name)
+    return path
