@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import itertools
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -38,17 +41,18 @@ from pathlib import Path
 
 from _machine import append_markdown, cpu_name
 
-from mamba_moe.export.llama_speed import SpeedRow, measure
+from mamba_moe.export.llama_speed import CACHE_TYPES, SpeedRow, measure
 
 
 def parse_variant(text: str) -> dict[str, object]:
-    """``"preset"`` -> no overrides; ``"attn_num_heads=8,moe_num_experts=4"`` -> config fields (YAML values)."""
+    """``"preset"`` -> no overrides; ``"attn_num_heads=8,moe_num_experts=4"`` -> config fields (YAML values; a
+    comma starts another field only where FIELD= follows it, so ``layer_mixers=[mamba,mamba]`` is one list)."""
     import yaml
 
     if text == "preset":
         return {}
     fields = {}
-    for item in text.split(","):
+    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SystemExit(f"--variants: {item!r} is not FIELD=VALUE (or the word 'preset')")
@@ -57,7 +61,15 @@ def parse_variant(text: str) -> dict[str, object]:
 
 
 def variant_name(preset: str, overrides: dict[str, object]) -> str:
-    return preset + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    """A file-name-safe name: ``mamba-moe-300m-attn_num_heads8``; a list value by its runs of equal items
+    (24 Mamba2 layers: ``layer_mixersmamba24``), a long one by a hash."""
+    def short(value: object) -> str:
+        if not isinstance(value, list):
+            return str(value)
+        runs = [[item, len(list(group))] for item, group in itertools.groupby(value)]
+        text = "".join(f"{item}{count}" for item, count in runs)
+        return text if len(text) <= 40 else hashlib.sha1(repr(value).encode()).hexdigest()[:10]
+    return preset + "".join(f"-{k}{short(v)}" for k, v in sorted(overrides.items()))
 
 
 def random_checkpoint(preset: str, overrides: dict[str, object], cache_dir: Path) -> Path:
@@ -169,7 +181,8 @@ def peer_gguf() -> Path:
     return smollm2_gguf_path()
 
 
-def markdown(rows: list[SpeedRow], peer: Path | None, command: str, threads_max: int, flash_attn: bool) -> str:
+def markdown(rows: list[SpeedRow], peer: Path | None, command: str, threads_max: int, flash_attn: bool,
+             cache_type: str = "f16") -> str:
     import llama_cpp
 
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -182,7 +195,7 @@ def markdown(rows: list[SpeedRow], peer: Path | None, command: str, threads_max:
              "- decode: median tok/s of the timed runs (all runs in brackets), each from the same restored "
              "state at that context; prefill: the segment that brought the context there, with "
              f"{threads_max} thread(s); load: 1-minute load average after the row; flash attention "
-             f"{'on' if flash_attn else 'off'}", "",
+             f"{'on' if flash_attn else 'off'}; KV cache {cache_type}", "",
              "| file | MiB | context | threads | decode tok/s | runs | prefill tok/s | load |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -235,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (after one warm-up)")
     parser.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention (-fa on)")
+    parser.add_argument("--cache-type", choices=sorted(CACHE_TYPES), default="f16",
+                        help="llama.cpp's K and V cache type (-ctk/-ctv); not f16 needs --flash-attn")
     parser.add_argument("--append", help="also append the markdown to this file")
     args = parser.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
@@ -248,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     for path in files + ([peer] if peer else []):
         rows += measure(path, args.contexts, args.threads, args.new_tokens, args.repeats, flash_attn=args.flash_attn,
+                        cache_type=args.cache_type,
                         on_row=lambda row: print(row.summary(), file=sys.stderr, flush=True))
     if not args.gguf and not args.no_torch:  # our decoder on the very weights the files were made from
         for overrides in variants:
@@ -255,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure_torch(random_checkpoint(args.preset, overrides, args.cache_dir), args.contexts,
                                   args.threads, args.new_tokens, args.repeats, label=label,
                                   on_row=lambda row: print(row.summary(), file=sys.stderr, flush=True))
-    text = markdown(rows, peer, command, max(args.threads), args.flash_attn)
+    text = markdown(rows, peer, command, max(args.threads), args.flash_attn, args.cache_type)
     print(text)
     if args.append:
         append_markdown(args.append, text)

@@ -1,10 +1,12 @@
-"""The memory evaluation's model-reader row from a small reader trained on this CPU (docs/memory.md, issue 19).
+"""The memory evaluation's model-reader row from a small reader trained here (docs/memory.md, issue 19).
 
     python bench/memory_reader.py                        # data, tokenizer, training, then eval seeds 0 1 2
+    python bench/memory_reader.py --config configs/train/memory_reader_gpu.yaml --conversations 6000 \
+        --time-limit 260 --device cuda                   # the GPU reader (its config's header)
     python bench/memory_reader.py --skip-train           # evaluate (and break down) an existing run
     python bench/memory_reader.py --eval-seeds 0 --eval-conversations 5
 
-Not a test and not run in CI: it trains for ~15 minutes (at most 17: ``--time-limit``). Every step is the
+Not a test and not run in CI: the CPU reader trains for ~15 minutes (at most 17: ``--time-limit``). Every step is the
 command a user runs, timed:
 
 1. ``mamba-moe data memory-dialogues --format reader``: one probe a row in the model reader's prompt, from
@@ -36,7 +38,7 @@ from pathlib import Path
 from _machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "configs/train/memory_reader_cpu.yaml"
+CONFIG = "configs/train/memory_reader_cpu.yaml"   # --config configs/train/memory_reader_gpu.yaml on a GPU
 KINDS = ("recall", "latest", "abstain", "deleted")
 
 
@@ -118,6 +120,8 @@ def breakdown(eval_dir: Path, examples: int) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=CONFIG, help="the reader's training config (the GPU one: "
+                    "configs/train/memory_reader_gpu.yaml)")
     ap.add_argument("--out", default="runs/memory_reader", help="where data, tokenizer, run and evals go")
     ap.add_argument("--seed", type=int, default=0, help="training seed of the reader rows (0..999999)")
     ap.add_argument("--conversations", type=int, default=2500, help="training conversations (~14 rows each)")
@@ -130,6 +134,7 @@ def main() -> int:
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eval-conversations", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the evaluation")
+    ap.add_argument("--device", default="cpu", help="torch device of the evaluation (cuda on a GPU)")
     ap.add_argument("--examples", type=int, default=3, help="wrong answers shown per failure")
     ap.add_argument("--skip-train", action="store_true", help="reuse OUT's data, tokenizer and run")
     ap.add_argument("--skip-oracle", action="store_true", help="evaluate the model reader only")
@@ -143,7 +148,8 @@ def main() -> int:
     text = out / "data" / "tokenizer-text.txt"
     tokenizer, model = out / "tokenizer", out / "model"
     rel = lambda p: str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)   # noqa: E731
-    print(f"# memory reader on CPU: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
+    reader_name = Path(args.config).stem          # the table's label of the model-reader rows
+    print(f"# memory reader {args.config}: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, Python {platform.python_version()}")
     times: dict[str, float] = {}
     if not args.skip_train:
@@ -156,7 +162,7 @@ def main() -> int:
         print(f"  tokenizer text: {n} rows -> {rel(text)}")
         times["tokenizer"] = run(cli("data", "train-tokenizer", rel(text), "--output", rel(tokenizer),
                                      "--vocab-size", str(args.vocab_size)), out / "logs" / "tokenizer.log")
-        train = cli("train", "--config", CONFIG, f"data.path={rel(rows)}", f"data.tokenizer={rel(tokenizer)}",
+        train = cli("train", "--config", args.config, f"data.path={rel(rows)}", f"data.tokenizer={rel(tokenizer)}",
                     f"output={rel(model)}", "progress=false", *args.overrides)
         if args.time_limit:
             at = train.index("train") + 1
@@ -173,7 +179,7 @@ def main() -> int:
             eval_dir = out / f"eval-{reader}-seed{seed}"
             cmd = cli("eval", rel(model), "--tasks", "memory", "--seed", str(seed), "--set", f"memory.reader={reader}",
                       "--set", f"memory.conversations={args.eval_conversations}", "--threads", str(args.threads),
-                      "--output", rel(eval_dir), "--no-progress")
+                      "--device", args.device, "--output", rel(eval_dir), "--no-progress")
             if reader == "model":
                 cmd.insert(cmd.index("--seed"), "--chat")
             seconds = run(cmd, out / "logs" / f"eval-{reader}-seed{seed}.log")
@@ -183,7 +189,7 @@ def main() -> int:
     print("\n| reader | eval seed | probes | recall | latest | stale | abstention | deleted | deleted leaks | "
           "gold in prompt |\n|---|---|---|---|---|---|---|---|---|---|")
     for reader, seed, entry, _, _ in results:
-        print(table_row("model: CPU reader" if reader == "model" else "oracle", seed, entry))
+        print(table_row(f"model: {reader_name}" if reader == "model" else "oracle", seed, entry))
     for reader, seed, entry, eval_dir, seconds in results:
         if reader != "model":
             continue

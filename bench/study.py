@@ -55,6 +55,10 @@ MODELS: dict[str, list[str]] = {
     "hybrid-dense": ["model.preset=mamba-moe-300m-dense", _NO_YARN],
     # a Llama-style transformer: 24 x 1024, 16-head RoPE attention, SwiGLU 2816, untied head
     "transformer": ["model.preset=transformer-baseline"],
+    # the flagship with 8 diff2 heads instead of 16 (16 query heads after the export's fold): what halving
+    # the heads costs in loss, against the llama.cpp decode speed it buys at 8k (docs/benchmarks.md, issue 17).
+    # Not in ORDER: `python bench/study.py train --models hybrid-soft-h8` trains it
+    "hybrid-soft-h8": ["model.preset=mamba-moe-300m", _NO_YARN, "model.overrides.attn_num_heads=8"],
 }
 ORDER = ["hybrid-soft", "transformer", "hybrid-dense", "hybrid-topk"]  # the most telling comparison first
 FLAGSHIP = "hybrid-soft"

@@ -20,7 +20,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- study:begin (bench/study_report.py rewrites this block) -->", "<!-- study:end -->"
 LABELS = {"hybrid-soft": "hybrid, soft MoE (flagship)", "hybrid-topk": "hybrid, top-2 MoE",
-          "hybrid-dense": "hybrid, dense FFN", "transformer": "transformer baseline"}
+          "hybrid-dense": "hybrid, dense FFN", "transformer": "transformer baseline",
+          "hybrid-soft-h8": "hybrid, soft MoE, 8 attention heads"}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from mamba_moe.export.llama_speed import _greedy_decode, _SavedState, measure
 
@@ -43,3 +44,16 @@ def test_measure_gives_a_row_per_context_and_thread_count(exported, llama_cpp, s
         assert len(row.decode_tok_s) == 2 and row.new_tokens == 3
         assert all(math.isfinite(v) and v > 0 for v in [*row.decode_tok_s, row.prefill_tok_s, row.decode_median])
         assert math.isfinite(row.load_1min) and f"context {row.context}" in row.summary()
+
+
+def test_measure_runs_with_a_quantized_cache_under_flash_attention(exported, llama_cpp, seed):
+    rows = measure(exported("flagship", seed, "f32"), contexts=(16,), threads=(1,), new_tokens=3, repeats=1,
+                   flash_attn=True, cache_type="q8_0")
+    assert len(rows) == 1 and all(math.isfinite(v) and v > 0 for v in rows[0].decode_tok_s)
+
+
+def test_a_quantized_cache_without_flash_attention_or_an_unknown_type_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="flash attention"):
+        measure(tmp_path / "never-opened.gguf", cache_type="q8_0")
+    with pytest.raises(ValueError, match="cache_type: 'q3'"):
+        measure(tmp_path / "never-opened.gguf", flash_attn=True, cache_type="q3")

@@ -30,6 +30,9 @@ import numpy as np
 from .llama_quant import captured_native_output, import_llama_cpp
 
 PREFILL_BATCH = 512
+# llama.cpp's KV-cache element types by the names its CLI takes (-ctk/-ctv); a quantized V cache needs flash
+# attention in llama.cpp, so anything but f16 asks for it
+CACHE_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
 
 
 @dataclass
@@ -105,19 +108,27 @@ def _greedy_decode(llama_cpp, llm, first: int, n: int, chosen: list[int] | None 
 
 def measure(path: str | Path, contexts: Sequence[int] = (512,), threads: Sequence[int] = (2,),
             new_tokens: int = 64, repeats: int = 5, seed: int = 0, flash_attn: bool = False,
-            on_row: Callable[[SpeedRow], None] | None = None) -> list[SpeedRow]:
+            cache_type: str = "f16", on_row: Callable[[SpeedRow], None] | None = None) -> list[SpeedRow]:
     """Rows for every (context, threads) pair, contexts ascending; ``on_row`` sees each as it is measured.
-    ``flash_attn``: llama.cpp's fused attention (``-fa on``), which also shrinks its compute buffer."""
+    ``flash_attn``: llama.cpp's fused attention (``-fa on``), which also shrinks its compute buffer.
+    ``cache_type``: the K and V cache's element type (``CACHE_TYPES``; ``-ctk``/``-ctv``), which must come
+    with ``flash_attn`` unless it is f16."""
     if not contexts or min(contexts) < 1 or not threads or min(threads) < 1 or new_tokens < 1 or repeats < 1:
         raise ValueError("contexts, threads, new_tokens and repeats must be positive")
+    if cache_type not in CACHE_TYPES:
+        raise ValueError(f"cache_type: {cache_type!r} is not one of {sorted(CACHE_TYPES)}")
+    if cache_type != "f16" and not flash_attn:
+        raise ValueError(f"cache_type {cache_type}: llama.cpp quantizes the V cache only with flash attention "
+                         "(flash_attn=True, --flash-attn)")
     llama_cpp = import_llama_cpp()
     path = Path(path)
     contexts = sorted(set(contexts))
     most = max(threads)
+    ggml_type = getattr(llama_cpp, CACHE_TYPES[cache_type])
     with captured_native_output():
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=contexts[-1] + new_tokens + 8, n_batch=PREFILL_BATCH,
                               n_ubatch=PREFILL_BATCH, n_threads=most, n_threads_batch=most, flash_attn=flash_attn,
-                              verbose=False)
+                              type_k=ggml_type, type_v=ggml_type, verbose=False)
     try:
         ctx = llm._ctx.ctx
         prompt = np.random.default_rng(seed).integers(4, llm.n_vocab(), contexts[-1]).tolist()
@@ -154,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (after one warm-up)")
     parser.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention (-fa on)")
+    parser.add_argument("--cache-type", choices=sorted(CACHE_TYPES), default="f16",
+                        help="K and V cache element type (-ctk/-ctv); not f16 needs --flash-attn")
     args = parser.parse_args(argv)
     measure(args.gguf, args.contexts, args.threads, args.new_tokens, args.repeats, flash_attn=args.flash_attn,
-            on_row=lambda row: print(row.summary(), flush=True))
+            cache_type=args.cache_type, on_row=lambda row: print(row.summary(), flush=True))
     return 0
 
 
