@@ -143,7 +143,12 @@ def test_chat_template_gives_our_prompt_ids(exported, seed, llama_runner, tokeni
     messages = [{"role": "system", "content": "You are concise."},
                 {"role": "user", "content": "def f(x): return x  # what does it do? 東京"}]
     ours = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+    # The reply is forced to <|im_end|>: a random model's greedy token can be a lone UTF-8 continuation byte,
+    # and llama-cpp-python then keeps generating past max_tokens until the text decodes, here until the
+    # context is full and llama_decode fails (seed 97). Only the prompt's ids are under test.
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    reply = llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0, logit_bias={end: 1e4})
+    assert reply["choices"][0]["finish_reason"] == "stop"
     assert list(llm.input_ids[: len(ours)]) == list(ours)
 
 
