@@ -39,17 +39,20 @@ __all__ = [
 ]
 
 # Launch parameters; the benchmark may sweep them. Block sizes are clipped to the chunk size.
+# MIN_BLOCK_P 64 in every kernel that tiles head_dim: with head_dim 32, Triton 3.6 turns products with a
+# 32-wide head_dim operand into 64x32 wgmmas that read shared memory out of bounds on some bf16 launches
+# (compute-sanitizer, chunk-scan forward) or silently return wrong gradients (the backward at mamba-moe-small's
+# shape: dt's gradient off by 1e5 of its size, an illegal memory access in the next kernel); padded to 64
+# columns (masked) they are right (docs/kernels.md). head_dim >= 64, the flagship's, is unaffected.
 CONFIG: dict = {
-    "chunk_state": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3},
+    "chunk_state": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3, "MIN_BLOCK_P": 64},
     "state_pass": {"BLOCK": 256, "num_warps": 4},
     "cb": {"num_warps": 4, "num_stages": 2},
-    # MIN_BLOCK_P 64: with head_dim 32 the second product became a 64x32 wgmma that compute-sanitizer caught
-    # reading shared memory out of bounds on short bf16 calls; padded to 64 columns it ran clean (kernels.md).
     "fwd": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2, "MIN_BLOCK_P": 64},
-    "bwd_dcb": {"num_warps": 4, "num_stages": 2},
-    "bwd_dc": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2},
-    "bwd_db": {"BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
-    "bwd_dx": {"BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+    "bwd_dcb": {"num_warps": 4, "num_stages": 2, "MIN_BLOCK_P": 64},
+    "bwd_dc": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2, "MIN_BLOCK_P": 64},
+    "bwd_db": {"BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "MIN_BLOCK_P": 64},
+    "bwd_dx": {"BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "MIN_BLOCK_P": 64},
     # The heads of a group are split among enough programs that a grid has about this many
     # programs (None: 8 per multiprocessor).
     "split_target": None,
@@ -132,6 +135,11 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _block_p(P: int, kernel: str) -> int:
+    """The head_dim tile of ``kernel``: P rounded up to a power of two, at least its ``MIN_BLOCK_P``."""
+    return max(_pow2(P), CONFIG[kernel].get("MIN_BLOCK_P", 16))
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # the latter is unused for 16-bit operands
 
@@ -165,7 +173,7 @@ def _chunk_states(X: Tensor, Y: Tensor, dt: Tensor, s: Tensor, seq_idx: Tensor |
     nc = s.shape[2]
     out = _empty(b, nc, H, P, N, dtype=torch.float32, device=X.device)
     cfg = CONFIG["chunk_state"]
-    BP, BN = _pow2(P), _pow2(N)
+    BP, BN = _block_p(P, "chunk_state"), _pow2(N)
     if BP * BN > 128 * 128:
         BN = max(16, (128 * 128) // BP)
     npb, nnb = triton_cdiv(P, BP), triton_cdiv(N, BN)
@@ -231,7 +239,7 @@ def _forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
     k._chunk_scan_fwd_kernel[(H, nc * (Q // BM), b)](
         x, dt, s, C, cb, states, D if D is not None else x, seq, y,
         L, H, P, N, nc, hpg, G, *x.stride(), *dt.stride(), *C.stride(), *y.stride(), sq_b, sq_l,
-        Q=Q, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, BLOCK_M=BM, BLOCK_P=max(_pow2(P), cfg["MIN_BLOCK_P"]),
+        Q=Q, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, BLOCK_M=BM, BLOCK_P=_block_p(P, "fwd"),
         BLOCK_N=_pow2(N),
         DOT_PREC=_dot_prec(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y, final, s, states, cb
@@ -284,7 +292,7 @@ def _backward(dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tenso
         dZ, states, dfin, s, seq, dinit, dsend, L, H, nc, PN, NBS, sq_b, sq_l,
         Q=Q, HAS_DFINAL=dfinal is not None, HAS_SEQ=HAS_SEQ, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
 
-    BP, BN = _pow2(P), _pow2(N)
+    BN = _pow2(N)
     prec = _dot_prec(x.dtype)
 
     # 3. dCB (summed over the heads of a group) and the quadratic form's part of ds, per causal tile.
@@ -292,6 +300,7 @@ def _backward(dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tenso
     NB = Q // blk
     ntiles = _n_causal_tiles(NB)
     cfg = CONFIG["bwd_dcb"]
+    BP = _block_p(P, "bwd_dcb")
     nsplit_cb = _pick_nsplit(hpg, ntiles * nc * b * G, dev)
     dcb = _empty(b, nc, nsplit_cb, G, Q, Q, dtype=torch.float32, device=dev)
     ds_row = _empty(b, H, nc, NB, Q, dtype=torch.float32, device=dev)
@@ -306,6 +315,7 @@ def _backward(dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tenso
 
     # 4. dC = dCB @ B + state part (and ds_state); dB = dCB^T @ C + chunk-state part.
     cfg = CONFIG["bwd_dc"]
+    BP = _block_p(P, "bwd_dc")
     BM = min(cfg["BLOCK_M"], Q)
     nsplit_c = _pick_nsplit(hpg, G * nc * (Q // BM) * b, dev)
     dC_part = _empty(b, L, nsplit_c, G, N, dtype=torch.float32, device=dev)
@@ -317,6 +327,7 @@ def _backward(dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tenso
         Q=Q, HAS_SEQ=HAS_SEQ, BLOCK_M=BM, BLOCK_P=BP, BLOCK_N=BN, DOT_PREC=prec,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     cfg = CONFIG["bwd_db"]
+    BP = _block_p(P, "bwd_db")
     BK = min(cfg["BLOCK_K"], Q)
     nsplit_b = _pick_nsplit(hpg, G * nc * (Q // BK) * b, dev)
     dB_part = _empty(b, L, nsplit_b, G, N, dtype=torch.float32, device=dev)
@@ -329,6 +340,7 @@ def _backward(dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tenso
 
     # 5. Per head: dx, ddt's direct part, the chunk-state part of ds, dD.
     cfg = CONFIG["bwd_dx"]
+    BP = _block_p(P, "bwd_dx")
     BK = min(cfg["BLOCK_K"], Q)
     NKB = Q // BK
     dx = _empty(b, L, H, P, dtype=x.dtype, device=dev)
