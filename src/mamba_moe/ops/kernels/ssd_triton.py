@@ -41,9 +41,9 @@ __all__ = [
 # Launch parameters; the benchmark may sweep them. Block sizes are clipped to the chunk size.
 # MIN_BLOCK_P 64 in every kernel that tiles head_dim: with head_dim 32, Triton 3.6 turns products with a
 # 32-wide head_dim operand into 64x32 wgmmas that read shared memory out of bounds on some bf16 launches
-# (compute-sanitizer, chunk-scan forward) or silently return wrong gradients (the backward at mamba-moe-small's
-# shape: dt's gradient off by 1e5 of its size, an illegal memory access in the next kernel); padded to 64
-# columns (masked) they are right (docs/kernels.md). head_dim >= 64, the flagship's, is unaffected.
+# (compute-sanitizer, chunk-scan forward) or silently return wrong gradients (_bwd_dx_kernel at mamba-moe-small's
+# shape: dx and ddt off by 1.7-3.6x their size, then an illegal memory access); padded to 64 columns (masked)
+# they are right (docs/kernels.md). head_dim >= 64, the flagship's, is unaffected.
 CONFIG: dict = {
     "chunk_state": {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3, "MIN_BLOCK_P": 64},
     "state_pass": {"BLOCK": 256, "num_warps": 4},
