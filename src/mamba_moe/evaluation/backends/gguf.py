@@ -2,12 +2,16 @@
 chat template and batching. Imported only when MODEL is a ``.gguf`` file.
 
 Greedy is temperature 0 with every other filter off (top-k 0, top-p 1, min-p 0, no repeat penalty),
-so it matches the other backends' argmax decoding. Plain prompts are decoded by ``Llama.generate`` (llama.cpp's
-sampler, token by token) with the stop strings, token limit and text decoding done here, as the engine
-does them: ``create_completion`` drops bytes that are not valid UTF-8 (``errors="ignore"``) where the other
-backends write U+FFFD, runs past ``max_tokens`` to finish a multi-byte character, and for some hybrid
-models stops with "llama_decode returned 1" partway through an answer (0.3.36), all of which
-``generate`` avoids. Chats go through ``create_chat_completion`` (the file's own template).
+so it matches the other backends' argmax decoding. Every answer, plain prompt or chat, is decoded by
+``Llama.generate`` (llama.cpp's sampler, token by token) with the stop strings, token limit and text
+decoding done here, as the engine does them. llama-cpp-python's ``create_completion`` and
+``create_chat_completion`` are not used: they drop bytes that are not valid UTF-8 (``errors="ignore"``)
+where the other backends write U+FFFD, and run past ``max_tokens`` to finish a multi-byte character, for
+a model whose greedy token is a lone UTF-8 continuation byte until the context is full ("llama_decode
+returned 1", 0.3.36). A plain prompt's ids are the ones ``create_completion`` makes (BOS/EOS only where the
+file says so, special tokens parsed); a chat's come from the GGUF's embedded template, rendered by
+``inference.gguf_runner.GGUFEngine.chat_prompt`` (message contents tokenized as text), as
+``mamba-moe chat FILE.gguf`` renders it.
 Scoring reads llama.cpp's logits of every position (``logits_all``), through the same windows as the other
 backends; that needs a second llama.cpp context (``logits_all`` keeps an n_ctx x vocabulary array and slows
 every evaluation), made on the first scoring call.
@@ -35,34 +39,44 @@ class GGUFBackend(Backend):
             import llama_cpp
         except ImportError as err:
             raise EvalError("a GGUF MODEL needs llama-cpp-python: pip install llama-cpp-python") from err
+        from ...inference.gguf_runner import GGUFEngine
+
         self.path = Path(path)
-        self._llama = llama_cpp.Llama
-        self._kwargs = {"model_path": str(self.path), "n_ctx": n_ctx or 0, "verbose": False, "n_threads": threads,
-                        "seed": seed}
-        self.llm = llama_cpp.Llama(**self._kwargs)
+        try:
+            self.engine = GGUFEngine(self.path, threads=threads, n_ctx=n_ctx or 0, seed=seed)
+        except (ValueError, FileNotFoundError) as err:
+            raise EvalError(str(err)) from err
+        self.llm = self.engine.llm
+        # The scorer's context (every position's logits), made on the first scoring call.
+        self._scorer_kwargs = {"model_path": str(self.path), "n_ctx": n_ctx or 0, "verbose": False,
+                               "n_threads": threads, "seed": seed, "logits_all": True}
         self._scorer = None
-        self.max_context = self.llm.n_ctx()
+        self.max_context = self.engine.max_context
         self.prefix_id = self.llm.token_bos() if self.llm.token_bos() >= 0 else self.llm.token_eos()
         self.info = BackendInfo("gguf", str(self.path.resolve()), {"llama_cpp_python": llama_cpp.__version__,
                                                                    "n_ctx": self.max_context})
 
-    def _complete(self, request: GenRequest) -> GenResult:
-        """A plain prompt through ``Llama.generate``: the prompt's tokens as ``create_completion`` makes them
-        (BOS/EOS only where the file says so, special tokens parsed), end-of-generation tokens, stop strings
-        and the context's end handled like the engine (prompt + answer <= n_ctx)."""
-        import llama_cpp
+    def _prompt_ids(self, request: GenRequest) -> list[int]:
+        if request.messages is not None:
+            return self.engine.chat_prompt(request.message_dicts())
+        return self.llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
 
-        prompt = self.llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
+    def _answer(self, request: GenRequest) -> GenResult:
+        """One answer through ``Llama.generate``: end-of-generation tokens, stop strings and the context's end
+        handled like the engine (prompt + answer <= n_ctx)."""
+        try:
+            prompt = self._prompt_ids(request)
+        except ValueError as err:    # a chat the template cannot place, or text that is not a valid message
+            return GenResult("", "error", str(err))
         room = self.max_context - len(prompt)
         if not prompt or room < 1:
             return GenResult("", "error", f"prompt: {len(prompt)} tokens, the context holds {self.max_context}")
         if request.seed is not None:
             self.llm.set_seed(request.seed)
         limit, answer, text, reason = min(request.max_tokens, room), [], "", "length"
-        vocab = self.llm._model.vocab
         for token in self.llm.generate(prompt, temp=request.temperature, top_k=0, top_p=1.0, min_p=0.0,
                                        repeat_penalty=1.0, reset=True):
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
+            if token in self.engine.end_ids:
                 reason = "stop"
                 break
             answer.append(token)
@@ -76,30 +90,7 @@ class GGUFBackend(Backend):
         return GenResult(text, reason)
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        out = []
-        for request in requests:
-            if request.prompt is not None:
-                out.append(self._complete(request))
-                continue
-            kwargs = {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_k": 0,
-                      "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "stop": list(request.stop) or None}
-            if request.seed is not None:
-                kwargs["seed"] = request.seed
-            try:
-                response = self.llm.create_chat_completion(messages=request.message_dicts(), **kwargs)
-                choice = response["choices"][0]
-                text = choice["message"]["content"] or ""
-            except ValueError as err:   # llama-cpp-python: "Requested tokens (...) exceed context window"
-                out.append(GenResult("", "error", str(err)))
-                continue
-            except RuntimeError as err:
-                # llama-cpp-python feeds back the token that fills n_ctx exactly ("llama_decode returned 1"):
-                # a failed sample, not a dead harness
-                out.append(GenResult("", "error", f"llama.cpp: {err} (the answer reached n_ctx "
-                                                  f"{self.max_context})"))
-                continue
-            out.append(GenResult(truncate_at_stops(text, request.stop), choice.get("finish_reason") or "stop"))
-        return out
+        return [self._answer(request) for request in requests]
 
     def encode_text(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
@@ -111,7 +102,9 @@ class GGUFBackend(Backend):
         if len(ids) > self.max_context:
             raise EvalError(f"{self.path}: {len(ids)} tokens, more than n_ctx {self.max_context}")
         if self._scorer is None:
-            self._scorer = self._llama(**self._kwargs, logits_all=True)
+            import llama_cpp
+
+            self._scorer = llama_cpp.Llama(**self._scorer_kwargs)
         self._scorer.reset()
         self._scorer.eval(ids)
         return torch.from_numpy(self._scorer.scores[:len(ids)].copy())
@@ -123,6 +116,6 @@ class GGUFBackend(Backend):
         return rolling(self.logits, self.encode_text, self.prefix_id, self.max_context, texts)
 
     def close(self) -> None:
-        self.llm.close()
+        self.engine.close()
         if self._scorer is not None:
             self._scorer.close()
