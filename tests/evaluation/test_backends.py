@@ -166,17 +166,15 @@ def test_gguf_backend_on_smollm2(tmp_path):
 def test_gguf_backend_chats_like_the_checkpoint(local, toy_checkpoint, tmp_path):
     """Chats decode through the same token loop as plain prompts (not ``create_chat_completion``, which runs
     past max_tokens on a lone UTF-8 continuation byte): the f32 export answers as the float64 checkpoint does,
-    token limit, stop strings and end token included. A greedy step whose top two logits lie within NEAR_TIE
+    token limit, stop strings and end token included. A greedy step whose top two logits lie within near_tie
     in float64 may go either way in float32, so such a request is left out (and counted)."""
     from helpers.llama import llama_cpp_or_skip
+    from helpers.numerics import greedy_margin
 
     llama_cpp_or_skip("the GGUF backend")
-    import torch
-
     from mamba_moe.export.gguf_export import export_gguf
-    from mamba_moe.inference import SamplingParams
 
-    near_tie = 1e-3
+    near_tie = 1e-3   # logits; float32 vs float64 differ by ~1e-6 here
     gguf = tmp_path / "toy-f32.gguf"
     export_gguf(toy_checkpoint, gguf, type="f32")
     backend = open_backend(str(gguf), threads=1)
@@ -190,11 +188,7 @@ def test_gguf_backend_chats_like_the_checkpoint(local, toy_checkpoint, tmp_path)
     compared = 0
     for request, a, b in zip(requests, ours, theirs, strict=True):
         assert a.error is None and b.error is None, (a, b)
-        ids = local._prompt_ids(request)
-        params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, stop=request.stop)
-        answer = local.engine.generate([ids], [params])[0].token_ids
-        top2 = torch.topk(local.logits(ids + answer)[len(ids) - 1:], 2, dim=-1).values
-        if float((top2[:, 0] - top2[:, 1]).min()) < near_tie:
+        if greedy_margin(local, local._prompt_ids(request), request) < near_tie:
             continue
         assert (b.text, b.finish_reason) == (a.text, a.finish_reason), request
         compared += 1

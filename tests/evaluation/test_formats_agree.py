@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from helpers.numerics import greedy_margin
 from helpers.serving import TOY_SEED, running_server
 from helpers.toy import save_toy_checkpoint
 
@@ -37,19 +37,9 @@ def samples(output, task):
 def near_ties(reference, task, gsm8k_dir):
     """Ids of the samples whose greedy path (prompt, answer, and the step that ended it) has a top-two
     logit gap below NEAR_TIE in the float64 reference."""
-    from mamba_moe.inference import SamplingParams
-
     built = task_class(task)(OPTIONS[task], seed=1, data_dir=str(gsm8k_dir))
-    out = set()
-    for item in built.items(reference, LIMIT):
-        ids = reference._prompt_ids(item.request)
-        params = SamplingParams(max_tokens=item.request.max_tokens, temperature=0.0, stop=item.request.stop)
-        answer = reference.engine.generate([ids], [params])[0].token_ids
-        logits = reference.logits(ids + answer)[len(ids) - 1:]
-        top2 = torch.topk(logits, 2, dim=-1).values
-        if float((top2[:, 0] - top2[:, 1]).min()) < NEAR_TIE:
-            out.add(item.id)
-    return out
+    return {item.id for item in built.items(reference, LIMIT)
+            if greedy_margin(reference, reference._prompt_ids(item.request), item.request) < NEAR_TIE}
 
 
 @pytest.mark.slow
