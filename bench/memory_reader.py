@@ -1,8 +1,8 @@
 """The memory evaluation's model-reader row from a small reader trained here (docs/memory.md, issue 19).
 
     python bench/memory_reader.py                        # data, tokenizer, training, then eval seeds 0 1 2
-    python bench/memory_reader.py --config configs/train/memory_reader_gpu.yaml --conversations 6000 \
-        --time-limit 260 --device cuda                   # the GPU reader (its config's header)
+    python bench/memory_reader.py --config configs/train/memory_reader_gpu.yaml --conversations 10000 \
+        --hard-negatives 0.5 --time-limit 420 --device cuda   # the GPU reader (its config's header)
     python bench/memory_reader.py --skip-train           # evaluate (and break down) an existing run
     python bench/memory_reader.py --eval-seeds 0 --eval-conversations 5
 
@@ -126,6 +126,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="training seed of the reader rows (0..999999)")
     ap.add_argument("--conversations", type=int, default=2500, help="training conversations (~14 rows each)")
     ap.add_argument("--sessions", type=int, default=8, help="sessions per training conversation")
+    ap.add_argument("--hard-negatives", type=float, default=0.0, metavar="P",
+                    help="share of reader rows that also list the asked attribute of another person "
+                         "(mamba-moe data memory-dialogues --hard-negatives)")
     ap.add_argument("--vocab-size", type=int, default=400, help="tokenizer size (the config explains 400)")
     ap.add_argument("--tokenizer-rows", type=int, default=10000, help="reader rows the tokenizer learns from")
     ap.add_argument("--time-limit", type=float, default=1020,
@@ -155,7 +158,8 @@ def main() -> int:
     if not args.skip_train:
         times["data"] = run(cli("data", "memory-dialogues", "--seed", str(args.seed), "--conversations",
                                 str(args.conversations), "--sessions", str(args.sessions), "--format", "reader",
-                                "--out", rel(rows)), out / "logs" / "data.log")
+                                "--hard-negatives", str(args.hard_negatives), "--out", rel(rows)),
+                            out / "logs" / "data.log")
         start = time.perf_counter()
         n = write_tokenizer_text(rows, text, args.tokenizer_rows)
         times["tokenizer text"] = time.perf_counter() - start

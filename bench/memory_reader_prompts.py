@@ -2,6 +2,7 @@
 
     python bench/memory_reader_prompts.py                              # eval seeds 0 1; 300 training conversations
     python bench/memory_reader_prompts.py --eval-seeds 0 --train-conversations 1000 --train-sessions 50
+    python bench/memory_reader_prompts.py --hard-negatives 0 0.25 0.5     # training rows at these shares
 
 The evaluation (``evaluation/tasks/memory_recall.py``) replays each held-out conversation through the rule
 extractor into a store and shows the reader what ``memory.reader.retrieve`` returns: the question's
@@ -64,11 +65,14 @@ def evaluation_prompts(seed: int) -> list[Prompt]:
             for item in task.items(NoModel(), None)]
 
 
-def training_prompts(conversations: int, sessions: int) -> list[Prompt]:
+def training_prompts(conversations: int, sessions: int, hard_negatives: float = 0.0) -> list[Prompt]:
     out = []
     for conversation in generate(0, conversations, split="train", config=DialogueConfig(sessions=sessions)):
-        slot_of = {fact_text(p.slot, p.answer): p.slot for p in conversation.probes if p.answer != ABSTAIN}
-        for row, probe in zip(reader_rows(conversation), conversation.probes, strict=True):
+        facts = {fact_text(p.slot, p.answer): p.slot for p in conversation.probes if p.answer != ABSTAIN}
+        for row, probe in zip(reader_rows(conversation, hard_negatives=hard_negatives), conversation.probes,
+                              strict=True):
+            slot_of = facts | ({row["hard_negative"]["fact"]: row["hard_negative"]["slot"]}
+                               if "hard_negative" in row else {})
             listing = row["messages"][0]["content"].splitlines()
             shown = [slot_of[line[2:]] for line in listing if line.startswith("- ") and line[2:] in slot_of]
             out.append(Prompt(probe.slot, shown, probe.answer != ABSTAIN))
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--eval-seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--train-conversations", type=int, default=300)
     parser.add_argument("--train-sessions", type=int, default=8, help="bench/memory_reader.py's --sessions")
+    parser.add_argument("--hard-negatives", type=float, nargs="+", default=[0.0, 0.5],
+                        help="shares of training rows given a hard negative (reader_rows), a table row each")
     args = parser.parse_args()
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"## What the memory reader is shown ({now})\n")
@@ -100,8 +106,10 @@ def main() -> None:
     print("|---" * 8 + "|")
     for seed in args.eval_seeds:
         print(row(f"evaluation seed {seed} (store + retrieve, 50 sessions)", evaluation_prompts(seed)))
-    print(row(f"training rows ({args.train_conversations} conversations of {args.train_sessions} sessions)",
-              training_prompts(args.train_conversations, args.train_sessions)))
+    for share in args.hard_negatives:
+        print(row(f"training rows ({args.train_conversations} conversations of {args.train_sessions} sessions, "
+                  f"hard negatives {share:g})",
+                  training_prompts(args.train_conversations, args.train_sessions, share)))
 
 
 if __name__ == "__main__":

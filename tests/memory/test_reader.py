@@ -83,8 +83,12 @@ def test_oracle_reads_the_current_value_and_abstains_otherwise(store):
 def test_model_prompt_holds_the_facts_and_renders_as_chatml():
     messages = memory_messages("Where do I live?", ["The user lives in Oslo.", "The user's brother lives in Bergen."])
     assert [m["role"] for m in messages] == ["system", "user"]
-    assert messages[0]["content"] == READER_SYSTEM.format(facts="- The user lives in Oslo.\n"
+    assert messages[0]["content"] == READER_SYSTEM.format(question="Where do I live?",
+                                                          facts="- The user lives in Oslo.\n"
                                                                 "- The user's brother lives in Bergen.")
+    # the question comes before the facts too (a recurrent layer reads them knowing what is asked)
+    assert messages[0]["content"].index("Where do I live?") < messages[0]["content"].index("Oslo")
+    assert messages[1] == {"role": "user", "content": "Where do I live?"}
     text = render_chat_text(messages, add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     assert "(nothing)" in memory_messages("Where do I live?", [])[0]["content"]

@@ -5,21 +5,25 @@ hold. The reference is the store itself: each conversation is replayed through t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mamba_moe.data import memory_dialogues as md
 from mamba_moe.evaluation.tasks.memory_recall import MemoryRecall, replay
 from mamba_moe.memory import MemoryStore
 from mamba_moe.memory.reader import READER_SYSTEM, mentions
-from mamba_moe.memory.slots import ABSTAIN
+from mamba_moe.memory.slots import ABSTAIN, fact_text, split_slot
 
 K = 5
 HEAD, TAIL = READER_SYSTEM.split("{facts}")
+OPENING, INTRO = HEAD.split("{question}")     # "The user asks: " QUESTION "\nYou remember these facts ...:\n"
 
 
 def _facts(system: str) -> list[str]:
-    assert system.startswith(HEAD) and system.endswith(TAIL)
-    return [line[2:] for line in system[len(HEAD):-len(TAIL)].split("\n") if line != "- (nothing)"]
+    assert system.startswith(OPENING) and INTRO in system and system.endswith(TAIL)
+    listing = system[system.index(INTRO) + len(INTRO):-len(TAIL)]
+    return [line[2:] for line in listing.split("\n") if line != "- (nothing)"]
 
 
 class _NoTokenizer:      # the evaluation asks a backend for token counts; without one it estimates
@@ -76,3 +80,75 @@ def test_rows_are_seeded():
     (first,), (again,) = md.generate(5, 1, config=config), md.generate(5, 1, config=config)
     assert md.reader_rows(first) == md.reader_rows(again)
     assert all(row["split"] == "train" and row["seed"] == 5 for row in md.reader_rows(first))
+
+
+def _eligible(probe):
+    """Whether a probe's attribute can be said of someone else (pets and events are the user's alone)."""
+    return split_slot(probe.slot)[1].about_others
+
+
+@pytest.fixture(scope="module")
+def training_conversations():
+    return md.generate(11, 40, config=md.DialogueConfig(sessions=8))
+
+
+def test_hard_negatives_list_the_asked_attribute_of_someone_else(training_conversations):
+    added = 0
+    for conversation in training_conversations:
+        current = {p.slot: fact_text(p.slot, p.answer) for p in conversation.probes if p.answer != ABSTAIN}
+        plain, hard = md.reader_rows(conversation), md.reader_rows(conversation, hard_negatives=1.0)
+        for probe, before, row in zip(conversation.probes, plain, hard, strict=True):
+            facts, facts_before = _facts(row["messages"][0]["content"]), _facts(before["messages"][0]["content"])
+            if "hard_negative" not in row:
+                assert not _eligible(probe) and row == before
+                continue
+            added += 1
+            negative = row["hard_negative"]
+            asked_who, asked = split_slot(probe.slot)
+            who, attribute = split_slot(negative["slot"])
+            assert attribute.key == asked.key and who != asked_who and negative["slot"] not in current
+            assert negative["fact"] in facts and negative["fact"] not in current.values()
+            # the rest of the list is the plain row's, less one fact that is not the gold one
+            assert [f for f in facts if f != negative["fact"]] == [f for f in facts_before if f in facts]
+            assert len(facts) == len(facts_before) or facts_before == [current.get(probe.slot)]
+            if probe.answer != ABSTAIN:
+                assert current[probe.slot] in facts
+            (value,) = [v for v in md.VALUES[attribute.key] if fact_text(negative["slot"], v) == negative["fact"]]
+            assert value not in (probe.answer, *probe.stale, *probe.forgotten, *probe.distractors)
+            assert row["messages"][1:] == before["messages"][1:]
+    assert added > 100
+
+
+def test_a_share_of_hard_negatives_leaves_the_other_rows_as_they_were(training_conversations):
+    eligible = with_negative = 0
+    for conversation in training_conversations:
+        plain, half = md.reader_rows(conversation), md.reader_rows(conversation, hard_negatives=0.5)
+        assert md.reader_rows(conversation, hard_negatives=0.0) == plain
+        assert all("hard_negative" not in row for row in plain)
+        for probe, before, row in zip(conversation.probes, plain, half, strict=True):
+            eligible += _eligible(probe)
+            if "hard_negative" in row:
+                with_negative += 1
+            else:
+                assert row == before
+    assert 0.4 < with_negative / eligible < 0.6, (with_negative, eligible)
+
+
+def test_hard_negatives_are_checked_and_reach_the_cli(tmp_path, capsys):
+    from mamba_moe.cli import main
+    from mamba_moe.data.config import DataError
+
+    (conversation,) = md.generate(3, 1, config=md.DialogueConfig(sessions=6))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(DataError, match="hard_negatives"):
+            md.reader_rows(conversation, hard_negatives=bad)
+    with pytest.raises(DataError, match="hard_negatives.*reader"):
+        md.write_rows([conversation], tmp_path / "d.jsonl", "dialogue", hard_negatives=0.5)
+    out = tmp_path / "r.jsonl"
+    assert main(["data", "memory-dialogues", "--seed", "3", "--conversations", "4", "--sessions", "6",
+                 "--format", "reader", "--hard-negatives", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert any("hard_negative" in row for row in rows)
+    assert main(["data", "memory-dialogues", "--seed", "3", "--conversations", "1", "--hard-negatives", "0.5",
+                 "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "hard_negatives" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()

@@ -62,6 +62,9 @@ def register(subparsers: Any) -> None:
     md.add_argument("--format", dest="row_format", choices=["dialogue", "reader"], default="dialogue",
                     help="dialogue: one whole conversation a row; reader: one probe a row, its facts in a system "
                          "message as the memory's model reader writes them (default dialogue)")
+    md.add_argument("--hard-negatives", type=float, default=0.0, metavar="P",
+                    help="reader format: the share of rows that also list the asked attribute of another person, "
+                         "with another value (0..1, default 0; docs/memory.md)")
     md.add_argument("--out", required=True, help="output JSONL file (written atomically)")
     md.set_defaults(func=cmd_memory_dialogues)
 
@@ -224,7 +227,7 @@ def cmd_memory_dialogues(args: argparse.Namespace) -> int:
 
     conversations = generate(args.seed, args.conversations, split=args.split,
                              config=DialogueConfig(sessions=args.sessions))
-    path = write_rows(conversations, args.out, args.row_format)
+    path = write_rows(conversations, args.out, args.row_format, hard_negatives=args.hard_negatives)
     kinds = Counter(p.kind for c in conversations for p in c.probes)
     print(f"wrote {path}: {len(conversations)} conversations of {args.sessions} sessions ({args.split} seed "
           f"{args.seed}), probes: " + ", ".join(f"{k} {kinds[k]}" for k in ("recall", "latest", "abstain", "deleted")))

@@ -27,6 +27,7 @@ on purpose.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -38,8 +39,9 @@ from typing import Any
 
 from ..atomic import atomic_write
 from ..memory.dates import relative_phrase
-from ..memory.reader import memory_messages
-from ..memory.slots import ABSTAIN, ATTRIBUTES, fact_text, slot_name
+from ..memory.extract import normalize
+from ..memory.reader import memory_messages, mentions, normalize_answer
+from ..memory.slots import ABSTAIN, ATTRIBUTES, fact_text, slot_name, split_slot
 from .config import DataError
 
 TRAIN_SEEDS = range(0, 1_000_000)
@@ -483,13 +485,22 @@ def _filler(plan: _Plan) -> tuple[str, str]:
     return question, answer
 
 
-def reader_rows(conversation: Conversation, k: int = 5) -> list[dict[str, Any]]:
+def reader_rows(conversation: Conversation, k: int = 5, hard_negatives: float = 0.0) -> list[dict[str, Any]]:
     """One row per probe in the model reader's format (``memory/reader.py``'s ``memory_messages``): the
     question's current fact (when there is one) among other current facts of the conversation, ``k`` facts
     in all where the conversation has them, in a seeded order, then the gold answer. It teaches answering
-    from injected memory, abstaining when the facts do not say, and ignoring other people's facts."""
+    from injected memory, abstaining when the facts do not say, and ignoring other people's facts.
+
+    ``hard_negatives`` (0..1): the share of probes whose list also gets the asked attribute of someone
+    else (another relative, or the user when a relative is asked) with another value, in place of one of
+    the other facts (so a row lists as many as without it): the hard negative behind a reader's most
+    frequent miss, a relative's value for the asked one (docs/memory.md). Drawn from its own seeded
+    stream, so the rows at 0 are those of earlier versions; a row that got one names it under ``hard_negative``."""
+    if not 0.0 <= hard_negatives <= 1.0:
+        raise DataError(f"hard_negatives: must lie in [0, 1], got {hard_negatives!r}")
     current = {p.slot: fact_text(p.slot, p.answer) for p in conversation.probes if p.answer != ABSTAIN}
     rng = random.Random(f"memory-reader-rows-{conversation.id}")
+    hard_rng = random.Random(f"memory-reader-hard-negatives-{conversation.id}")
     rows = []
     for j, probe in enumerate(conversation.probes):
         others = [text for slot, text in current.items() if slot != probe.slot]
@@ -498,11 +509,46 @@ def reader_rows(conversation: Conversation, k: int = 5) -> list[dict[str, Any]]:
         facts = rng.sample(others, min(len(others), k - (probe.slot in current)))
         if probe.slot in current:
             facts.insert(rng.randint(0, len(facts)), current[probe.slot])
+        hard = _hard_negative(probe, current, facts, hard_rng) if hard_rng.random() < hard_negatives else None
+        if hard is not None:
+            replaceable = [i for i, text in enumerate(facts) if text != current.get(probe.slot)]
+            if replaceable:   # as many facts as without it, unless the list held the gold alone
+                facts.pop(hard_rng.choice(replaceable))
+            facts.insert(hard_rng.randint(0, len(facts)), hard[1])
         messages = memory_messages(probe.question, facts)
         messages.append({"role": "assistant", "content": probe.answer})
-        rows.append({"messages": messages, "id": f"{conversation.id}/{j}", "split": conversation.split,
-                     "seed": conversation.seed, "kind": probe.kind, "answer": probe.answer})
+        row = {"messages": messages, "id": f"{conversation.id}/{j}", "split": conversation.split,
+               "seed": conversation.seed, "kind": probe.kind, "answer": probe.answer}
+        if hard is not None:
+            row["hard_negative"] = {"slot": hard[0], "fact": hard[1]}
+        rows.append(row)
     return rows
+
+
+@functools.cache
+def _normalized_values(key: str) -> tuple[tuple[str, str], ...]:
+    """(value, its normalized form) of an attribute's values, normalized once (it dominated the rows' time)."""
+    return tuple((v, normalize_answer(v)) for v in VALUES[key])
+
+
+def _hard_negative(probe: Probe, current: dict[str, str], facts: list[str],
+                   rng: random.Random) -> tuple[str, str] | None:
+    """(slot, sentence) of the probe's attribute said of another person, with a value neither the probe
+    nor the listed facts use, about someone the conversation holds nothing of that attribute for (so it
+    never contradicts a real fact); None when the attribute is the user's alone (pets, events)."""
+    relation, attribute = split_slot(probe.slot)
+    if not attribute.about_others:
+        return None
+    people = [who for who in (None, *(rel for _, rel in RELATIONS)) if who != relation]
+    people = [who for who in people if slot_name(attribute.key, who) not in current]
+    taken = {probe.answer, *probe.stale, *probe.forgotten, *probe.distractors}
+    listed = normalize(" ".join(facts)).casefold()   # a value not in it as a substring cannot be mentioned
+    values = [v for v, plain in _normalized_values(attribute.key) if v not in taken
+              and not (plain in listed and any(mentions(f, v) for f in facts))]
+    if not people or not values:
+        return None
+    slot = slot_name(attribute.key, rng.choice(people))
+    return slot, fact_text(slot, rng.choice(values))
 
 
 def generate(seed: int, n: int, *, split: str = "train", config: DialogueConfig | None = None) -> list[Conversation]:
@@ -515,13 +561,16 @@ def generate(seed: int, n: int, *, split: str = "train", config: DialogueConfig 
 ROW_FORMATS = ("dialogue", "reader")
 
 
-def write_rows(conversations: list[Conversation], path: str | os.PathLike, row_format: str = "dialogue") -> Path:
+def write_rows(conversations: list[Conversation], path: str | os.PathLike, row_format: str = "dialogue",
+               hard_negatives: float = 0.0) -> Path:
     """JSONL written atomically: one conversation a line (``dialogue``), or one probe a line in the model
-    reader's format (``reader``)."""
+    reader's format (``reader``; ``hard_negatives``: see ``reader_rows``)."""
     if row_format not in ROW_FORMATS:
         raise DataError(f"format: expected one of {', '.join(ROW_FORMATS)}, got {row_format!r}")
+    if hard_negatives and row_format != "reader":
+        raise DataError(f"hard_negatives: only the reader format lists facts, got format {row_format!r}")
     rows = ([c.to_row() for c in conversations] if row_format == "dialogue"
-            else [row for c in conversations for row in reader_rows(c)])
+            else [row for c in conversations for row in reader_rows(c, hard_negatives=hard_negatives)])
     path = Path(path)
     atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path
