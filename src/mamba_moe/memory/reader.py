@@ -95,8 +95,9 @@ def retrieve(store: Any, user: str, question: str, *, k: int = 5, agent: str | N
 
 # The question opens the prompt as well as closing it: a recurrent layer (the Mamba2 backbone) reads the facts
 # once, left to right, and keeps what its state can hold; told first what is asked, it can keep the one fact
-# that answers. Measured on the GPU reader (docs/memory.md, "The question first"): recall 0.74 -> 0.90 and the
-# "another person's value" misses 50 -> 3 of 369, the same training otherwise.
+# that answers ("Just read twice", Arora et al. 2024). On the small GPU readers one training gave recall 0.90
+# with it against 0.74 without, and a second training of the same recipe 0.71: not yet a measured gain
+# (docs/memory.md, "The question first"); kept for the argument, at ~18 tokens a prompt.
 READER_SYSTEM = ("The user asks: {question}\n"
                  "You remember these facts about the user from earlier conversations:\n{facts}\n"
                  "Answer the user's question from these facts only, with the value alone (a name, a place, a "
