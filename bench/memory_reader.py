@@ -5,6 +5,8 @@
         --hard-negatives 0.5 --time-limit 420 --device cuda   # the GPU reader (its config's header)
     python bench/memory_reader.py --skip-train           # evaluate (and break down) an existing run
     python bench/memory_reader.py --eval-seeds 0 --eval-conversations 5
+    python bench/memory_reader.py --config configs/train/memory_reader_gpu.yaml --conversations 10000 \
+        --hard-negatives 0.5 --device cuda --training-seeds 0 1 --eval-seeds 3 4   # two trainings at once
 
 Not a test and not run in CI: the CPU reader trains for ~15 minutes (at most 17: ``--time-limit``). Every step is the
 command a user runs, timed:
@@ -59,6 +61,40 @@ def run(cmd: list[str], log: Path) -> float:
         raise SystemExit(f"failed with exit code {code} after {seconds:.0f}s (log: {log})")
     print(f"  ({seconds:.1f}s wall)", flush=True)
     return seconds
+
+
+def run_all(jobs: list[tuple[list[str], Path]]) -> list[float]:
+    """Run commands at once (each as ``run`` does, its output to its log only); the wall seconds of each. A small
+    reader's training step is launch-bound, so two trainings share one GPU at ~1.3x the throughput of one."""
+    if len(jobs) == 1:
+        return [run(*jobs[0])]
+    procs = []
+    for cmd, log in jobs:
+        print("$ " + shlex.join(cmd) + f"  &  (log: {log})", flush=True)
+        with open(log, "w") as out:
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), log,
+                          time.perf_counter()))
+    seconds, failed = [], []
+    for proc, log, start in procs:
+        code = proc.wait()
+        seconds.append(time.perf_counter() - start)
+        if code:
+            failed.append(f"{log} (exit code {code})")
+    if failed:
+        raise SystemExit("failed: " + ", ".join(failed))
+    print(f"  ({', '.join(f'{t:.1f}s' for t in seconds)} wall)", flush=True)
+    return seconds
+
+
+def pooled(entries: list[dict], key: str | None = None) -> tuple[int, int]:
+    """(right, n) of a rate over several evaluation seeds' report entries."""
+    right = n = 0
+    for entry in entries:
+        value = entry if key is None else entry[key]
+        if value["value"] is not None:
+            right += round(value["value"] * value["n"])
+            n += value["n"]
+    return right, n
 
 
 def cli(*args: str) -> list[str]:
@@ -141,6 +177,10 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=3, help="wrong answers shown per failure")
     ap.add_argument("--skip-train", action="store_true", help="reuse OUT's data, tokenizer and run")
     ap.add_argument("--skip-oracle", action="store_true", help="evaluate the model reader only")
+    ap.add_argument("--training-seeds", type=int, nargs="+", metavar="SEED",
+                    help="train one reader per seed (the train config's seed: initialisation, batch order and its "
+                         "validation rows), all at once, on the same rows; each is evaluated and the recall pooled "
+                         "over the evaluation seeds is given per training (default: one, the config's seed)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="extra mamba-moe train overrides")
     args = ap.parse_args()
 
@@ -149,7 +189,12 @@ def main() -> int:
     (out / "logs").mkdir(exist_ok=True)
     rows = out / "data" / "reader.jsonl"
     text = out / "data" / "tokenizer-text.txt"
-    tokenizer, model = out / "tokenizer", out / "model"
+    tokenizer = out / "tokenizer"
+    seeds = args.training_seeds or [None]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--training-seeds: each seed once, got {seeds}")
+    # one training keeps the directory names of earlier runs (model, eval-model-seedS)
+    models = {t: out / ("model" if t is None else f"model-seed{t}") for t in seeds}
     rel = lambda p: str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)   # noqa: E731
     reader_name = Path(args.config).stem          # the table's label of the model-reader rows
     print(f"# memory reader {args.config}: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
@@ -166,40 +211,60 @@ def main() -> int:
         print(f"  tokenizer text: {n} rows -> {rel(text)}")
         times["tokenizer"] = run(cli("data", "train-tokenizer", rel(text), "--output", rel(tokenizer),
                                      "--vocab-size", str(args.vocab_size)), out / "logs" / "tokenizer.log")
-        train = cli("train", "--config", args.config, f"data.path={rel(rows)}", f"data.tokenizer={rel(tokenizer)}",
-                    f"output={rel(model)}", "progress=false", *args.overrides)
-        if args.time_limit:
-            at = train.index("train") + 1
-            train[at:at] = ["--time-limit", str(args.time_limit)]
-        times["train"] = run(train, out / "logs" / "train.log")
+        jobs = []
+        for t, model in models.items():
+            train = cli("train", "--config", args.config, f"data.path={rel(rows)}", f"data.tokenizer={rel(tokenizer)}",
+                        f"output={rel(model)}", "progress=false", *([] if t is None else [f"seed={t}"]),
+                        *args.overrides)
+            if args.time_limit:
+                at = train.index("train") + 1
+                train[at:at] = ["--time-limit", str(args.time_limit)]
+            jobs.append((train, out / "logs" / ("train.log" if t is None else f"train-seed{t}.log")))
+        times["train"] = max(run_all(jobs))
         total = sum(times.values())
         parts = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
         print(f"data + tokenizer + training: {total:.0f}s wall ({parts})")
 
-    results = []
+    results = []   # (reader, training seed, eval seed, entry, eval dir, seconds)
     for seed in args.eval_seeds:
-        readers = ["model"] if args.skip_oracle else ["model", "oracle"]
-        for reader in readers:
-            eval_dir = out / f"eval-{reader}-seed{seed}"
-            cmd = cli("eval", rel(model), "--tasks", "memory", "--seed", str(seed), "--set", f"memory.reader={reader}",
-                      "--set", f"memory.conversations={args.eval_conversations}", "--threads", str(args.threads),
-                      "--device", args.device, "--output", rel(eval_dir), "--no-progress")
-            if reader == "model":
-                cmd.insert(cmd.index("--seed"), "--chat")
-            seconds = run(cmd, out / "logs" / f"eval-{reader}-seed{seed}.log")
+        jobs, made = [], []
+        for reader in ["model"] if args.skip_oracle else ["model", "oracle"]:
+            # the oracle is the store and retrieval alone: one evaluation whatever the trainings
+            for t, model in (models.items() if reader == "model" else [next(iter(models.items()))]):
+                name = f"eval-{reader}-seed{seed}" + ("" if t is None or reader == "oracle" else f"-training{t}")
+                cmd = cli("eval", rel(model), "--tasks", "memory", "--seed", str(seed), "--set",
+                          f"memory.reader={reader}", "--set", f"memory.conversations={args.eval_conversations}",
+                          "--threads", str(args.threads), "--device", args.device, "--output", rel(out / name),
+                          "--no-progress")
+                if reader == "model":
+                    cmd.insert(cmd.index("--seed"), "--chat")
+                jobs.append((cmd, out / "logs" / f"{name}.log"))
+                made.append((reader, t if reader == "model" else None, out / name))
+        for (reader, t, eval_dir), seconds in zip(made, run_all(jobs), strict=True):
             entry = json.loads((eval_dir / "report.json").read_text())["tasks"]["memory"]
-            results.append((reader, seed, entry, eval_dir, seconds))
+            results.append((reader, t, seed, entry, eval_dir, seconds))
+
+    def label(reader: str, t: int | None) -> str:
+        if reader != "model":
+            return "oracle"
+        return f"model: {reader_name}" + ("" if t is None else f" (training seed {t})")
 
     print("\n| reader | eval seed | probes | recall | latest | stale | abstention | deleted | deleted leaks | "
           "gold in prompt |\n|---|---|---|---|---|---|---|---|---|---|")
-    for reader, seed, entry, _, _ in results:
-        print(table_row(f"model: {reader_name}" if reader == "model" else "oracle", seed, entry))
-    for reader, seed, entry, eval_dir, seconds in results:
+    for reader, t, seed, entry, _, _ in results:
+        print(table_row(label(reader, t), seed, entry))
+    print("\nPooled over the evaluation seeds " + " ".join(map(str, args.eval_seeds)) + ":\n\n"
+          "| reader | recall | latest | abstention |\n|---|---|---|---|")
+    for reader, t in dict.fromkeys((r[0], r[1]) for r in results):
+        entries = [r[3] for r in results if (r[0], r[1]) == (reader, t)]
+        cells = [pooled(entries, key) for key in (None, "latest", "abstention")]
+        print(f"| {label(reader, t)} | " + " | ".join(f"{a}/{b} = {a / b:.3f}" if b else "–" for a, b in cells) + " |")
+    for reader, t, seed, entry, eval_dir, seconds in results:
         if reader != "model":
             continue
         tokens = entry["conversation_tokens"]
-        print(f"\nseed {seed} ({seconds:.0f}s; conversations {tokens['min']}-{tokens['max']} {entry['token_unit']}, "
-              f"context {entry['max_context']}): wrong answers")
+        print(f"\n{label(reader, t)}, seed {seed} ({seconds:.0f}s; conversations {tokens['min']}-{tokens['max']} "
+              f"{entry['token_unit']}, context {entry['max_context']}): wrong answers")
         print("\n".join(breakdown(eval_dir, args.examples)))
     return 0
 
