@@ -178,9 +178,9 @@ def main() -> int:
     ap.add_argument("--skip-train", action="store_true", help="reuse OUT's data, tokenizer and run")
     ap.add_argument("--skip-oracle", action="store_true", help="evaluate the model reader only")
     ap.add_argument("--training-seeds", type=int, nargs="+", metavar="SEED",
-                    help="train one reader per seed (the train config's seed: initialisation, batch order and its "
-                         "validation rows), all at once, on the same rows; each is evaluated and the recall pooled "
-                         "over the evaluation seeds is given per training (default: one, the config's seed)")
+                    help="train one reader per seed (the train config's seed: initialisation, batch order and which "
+                         "0.5%% of the rows it keeps for validation), all at once, from the same rows file; each is "
+                         "evaluated and its recall pooled over the evaluation seeds (default: one, the config's seed)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="extra mamba-moe train overrides")
     args = ap.parse_args()
 
@@ -225,24 +225,28 @@ def main() -> int:
         parts = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
         print(f"data + tokenizer + training: {total:.0f}s wall ({parts})")
 
+    def job(reader: str, t: int | None, model: Path, seed: int) -> tuple[list[str], Path, Path]:
+        """The evaluation command of one reader on one seed, its log, and its output directory."""
+        name = f"eval-{reader}-seed{seed}" + ("" if t is None or reader == "oracle" else f"-training{t}")
+        cmd = cli("eval", rel(model), "--tasks", "memory", "--seed", str(seed), "--set", f"memory.reader={reader}",
+                  "--set", f"memory.conversations={args.eval_conversations}", "--threads", str(args.threads),
+                  "--device", args.device, "--output", rel(out / name), "--no-progress")
+        if reader == "model":
+            cmd.insert(cmd.index("--seed"), "--chat")
+        return cmd, out / "logs" / f"{name}.log", out / name
+
     results = []   # (reader, training seed, eval seed, entry, eval dir, seconds)
     for seed in args.eval_seeds:
-        jobs, made = [], []
-        for reader in ["model"] if args.skip_oracle else ["model", "oracle"]:
-            # the oracle is the store and retrieval alone: one evaluation whatever the trainings
-            for t, model in (models.items() if reader == "model" else [next(iter(models.items()))]):
-                name = f"eval-{reader}-seed{seed}" + ("" if t is None or reader == "oracle" else f"-training{t}")
-                cmd = cli("eval", rel(model), "--tasks", "memory", "--seed", str(seed), "--set",
-                          f"memory.reader={reader}", "--set", f"memory.conversations={args.eval_conversations}",
-                          "--threads", str(args.threads), "--device", args.device, "--output", rel(out / name),
-                          "--no-progress")
-                if reader == "model":
-                    cmd.insert(cmd.index("--seed"), "--chat")
-                jobs.append((cmd, out / "logs" / f"{name}.log"))
-                made.append((reader, t if reader == "model" else None, out / name))
-        for (reader, t, eval_dir), seconds in zip(made, run_all(jobs), strict=True):
-            entry = json.loads((eval_dir / "report.json").read_text())["tasks"]["memory"]
-            results.append((reader, t, seed, entry, eval_dir, seconds))
+        # the trainings' model readers at once; the oracle (the store and retrieval alone, one evaluation
+        # whatever the trainings) after them, so a single training's timings are those of one process
+        groups = [[("model", t, job("model", t, model, seed)) for t, model in models.items()]]
+        if not args.skip_oracle:
+            groups.append([("oracle", None, job("oracle", None, next(iter(models.values())), seed))])
+        for group in groups:
+            seconds = run_all([(cmd, log) for _, _, (cmd, log, _) in group])
+            for (reader, t, (_, _, eval_dir)), wall in zip(group, seconds, strict=True):
+                entry = json.loads((eval_dir / "report.json").read_text())["tasks"]["memory"]
+                results.append((reader, t, seed, entry, eval_dir, wall))
 
     def label(reader: str, t: int | None) -> str:
         if reader != "model":

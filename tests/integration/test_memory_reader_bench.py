@@ -32,9 +32,9 @@ def test_run_all_waits_for_every_command_and_names_the_failed_log(memory_reader,
     ok, bad = tmp_path / "ok.log", tmp_path / "bad.log"
     seconds = memory_reader.run_all([([sys.executable, "-c", "print('fine')"], ok),
                                      ([sys.executable, "-c", "print('x')"], tmp_path / "ok2.log")])
-    assert len(seconds) == 2 and all(s >= 0 for s in seconds)
+    assert len(seconds) == 2
     assert ok.read_text() == "fine\n"
     with pytest.raises(SystemExit, match="bad.log.*exit code 3"):
         memory_reader.run_all([([sys.executable, "-c", "import sys; sys.exit(3)"], bad),
-                               ([sys.executable, "-c", "print('still run')"], ok)])
-    assert ok.read_text() == "still run\n"
+                               ([sys.executable, "-c", "import time; time.sleep(0.5); print('still run')"], ok)])
+    assert ok.read_text() == "still run\n"        # the failure did not stop the wait for the slower one

@@ -14,6 +14,7 @@ from mamba_moe.memory.reader import (
     is_abstention,
     memory_messages,
     mentions,
+    model_answer,
     normalize_answer,
     oracle_answer,
     question_slot,
@@ -92,3 +93,27 @@ def test_model_prompt_holds_the_facts_and_renders_as_chatml():
     text = render_chat_text(messages, add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     assert "(nothing)" in memory_messages("Where do I live?", [])[0]["content"]
+
+
+def test_model_answer_asks_the_engine_greedily_with_the_retrieved_facts(store):
+    """The wiring of the model reader (the engine itself is tested in tests/inference): what it is asked, how,
+    and what comes back."""
+    ex = Extractor()
+    for i, message in enumerate(["I live in Oslo.", "My brother lives in Bergen.", "I moved to Lisbon."]):
+        apply_operations(store, "ada", ex.extract(message, now=f"2026-03-04T10:{i:02d}:00Z"))
+
+    class RecordingEngine:
+        def __init__(self):
+            self.calls = []
+
+        def chat(self, messages, params):
+            self.calls.append((messages, params))
+            return type("Completion", (), {"text": "  Lisbon\n"})()
+
+    engine = RecordingEngine()
+    answer = model_answer(engine, store, "ada", "Where do I live?", k=2, max_tokens=8)
+    ((messages, params),) = engine.calls
+    facts = [r.text for r in retrieve(store, "ada", "Where do I live?", k=2)]
+    assert messages == memory_messages("Where do I live?", facts) and "Lisbon" in facts[0]
+    assert params.temperature == 0.0 and params.max_tokens == 8
+    assert answer.text == "Lisbon" and answer.slot == "city" and answer.record.value == "Lisbon"

@@ -106,15 +106,19 @@ def test_hard_negatives_list_the_asked_attribute_of_someone_else(training_conver
             negative = row["hard_negative"]
             asked_who, asked = split_slot(probe.slot)
             who, attribute = split_slot(negative["slot"])
-            assert attribute.key == asked.key and who != asked_who and negative["slot"] not in current
+            # about someone the conversation says nothing of this attribute for (not a retracted or forgotten
+            # slot either: its old value would come back as a fact)
+            assert attribute.key == asked.key and who != asked_who
+            assert negative["slot"] not in {p.slot for p in conversation.probes}
             assert negative["fact"] in facts and negative["fact"] not in current.values()
             # the rest of the list is the plain row's, less one fact that is not the gold one
             assert [f for f in facts if f != negative["fact"]] == [f for f in facts_before if f in facts]
-            assert len(facts) == len(facts_before) or facts_before == [current.get(probe.slot)]
+            assert len(facts) == len(facts_before) or not [f for f in facts_before if f != current.get(probe.slot)]
             if probe.answer != ABSTAIN:
                 assert current[probe.slot] in facts
             (value,) = [v for v in md.VALUES[attribute.key] if fact_text(negative["slot"], v) == negative["fact"]]
             assert value not in (probe.answer, *probe.stale, *probe.forgotten, *probe.distractors)
+            assert not any(mentions(f, value) for f in facts if f != negative["fact"])
             assert row["messages"][1:] == before["messages"][1:]
     assert added > 100
 
@@ -123,7 +127,6 @@ def test_a_share_of_hard_negatives_leaves_the_other_rows_as_they_were(training_c
     eligible = with_negative = 0
     for conversation in training_conversations:
         plain, half = md.reader_rows(conversation), md.reader_rows(conversation, hard_negatives=0.5)
-        assert md.reader_rows(conversation, hard_negatives=0.0) == plain
         assert all("hard_negative" not in row for row in plain)
         for probe, before, row in zip(conversation.probes, plain, half, strict=True):
             eligible += _eligible(probe)

@@ -495,10 +495,12 @@ def reader_rows(conversation: Conversation, k: int = 5, hard_negatives: float = 
     else (another relative, or the user when a relative is asked) with another value, in place of one of
     the other facts (so a row lists as many as without it): the hard negative behind a reader's most
     frequent miss, a relative's value for the asked one (docs/memory.md). Drawn from its own seeded
-    stream, so the rows at 0 are those of earlier versions; a row that got one names it under ``hard_negative``."""
+    stream, so the fact lists at 0 are those of earlier versions; a row that got one names it under
+    ``hard_negative``."""
     if not 0.0 <= hard_negatives <= 1.0:
         raise DataError(f"hard_negatives: must lie in [0, 1], got {hard_negatives!r}")
     current = {p.slot: fact_text(p.slot, p.answer) for p in conversation.probes if p.answer != ABSTAIN}
+    probed = {p.slot for p in conversation.probes}   # every slot the conversation says something of
     rng = random.Random(f"memory-reader-rows-{conversation.id}")
     hard_rng = random.Random(f"memory-reader-hard-negatives-{conversation.id}")
     rows = []
@@ -509,10 +511,10 @@ def reader_rows(conversation: Conversation, k: int = 5, hard_negatives: float = 
         facts = rng.sample(others, min(len(others), k - (probe.slot in current)))
         if probe.slot in current:
             facts.insert(rng.randint(0, len(facts)), current[probe.slot])
-        hard = _hard_negative(probe, current, facts, hard_rng) if hard_rng.random() < hard_negatives else None
+        hard = _hard_negative(probe, probed, facts, hard_rng) if hard_rng.random() < hard_negatives else None
         if hard is not None:
             replaceable = [i for i, text in enumerate(facts) if text != current.get(probe.slot)]
-            if replaceable:   # as many facts as without it, unless the list held the gold alone
+            if replaceable:   # as many facts as without it, unless the list held the gold alone (or nothing)
                 facts.pop(hard_rng.choice(replaceable))
             facts.insert(hard_rng.randint(0, len(facts)), hard[1])
         messages = memory_messages(probe.question, facts)
@@ -531,16 +533,17 @@ def _normalized_values(key: str) -> tuple[tuple[str, str], ...]:
     return tuple((v, normalize_answer(v)) for v in VALUES[key])
 
 
-def _hard_negative(probe: Probe, current: dict[str, str], facts: list[str],
+def _hard_negative(probe: Probe, probed: set[str], facts: list[str],
                    rng: random.Random) -> tuple[str, str] | None:
     """(slot, sentence) of the probe's attribute said of another person, with a value neither the probe
-    nor the listed facts use, about someone the conversation holds nothing of that attribute for (so it
-    never contradicts a real fact); None when the attribute is the user's alone (pets, events)."""
+    nor the listed facts use, about someone the conversation says nothing of that attribute for — no
+    current, changed, retracted, forgotten or never-stated slot of its probes — so it contradicts nothing
+    the conversation holds; None when the attribute is the user's alone (pets, events)."""
     relation, attribute = split_slot(probe.slot)
     if not attribute.about_others:
         return None
     people = [who for who in (None, *(rel for _, rel in RELATIONS)) if who != relation]
-    people = [who for who in people if slot_name(attribute.key, who) not in current]
+    people = [who for who in people if slot_name(attribute.key, who) not in probed]
     taken = {probe.answer, *probe.stale, *probe.forgotten, *probe.distractors}
     listed = normalize(" ".join(facts)).casefold()   # a value not in it as a substring cannot be mentioned
     values = [v for v, plain in _normalized_values(attribute.key) if v not in taken

@@ -95,9 +95,10 @@ def retrieve(store: Any, user: str, question: str, *, k: int = 5, agent: str | N
 
 # The question opens the prompt as well as closing it: a recurrent layer (the Mamba2 backbone) reads the facts
 # once, left to right, and keeps what its state can hold; told first what is asked, it can keep the one fact
-# that answers ("Just read twice", Arora et al. 2024). On the small GPU readers one training gave recall 0.90
-# with it against 0.74 without, and a second training of the same recipe 0.71: not yet a measured gain
-# (docs/memory.md, "The question first"); kept for the argument, at ~18 tokens a prompt.
+# that answers ("Just read twice", Arora et al. 2024). On the small GPU readers (eval seeds 0-2, one training
+# each) it gave recall 0.90 against 0.71 without, the rows otherwise alike; a second training with it gave 0.71
+# on seed 0 alone and 0.65 on unseen seeds 3-4: not yet a measured gain (docs/memory.md, "The question first");
+# kept for the argument, at ~18 tokens a prompt.
 READER_SYSTEM = ("The user asks: {question}\n"
                  "You remember these facts about the user from earlier conversations:\n{facts}\n"
                  "Answer the user's question from these facts only, with the value alone (a name, a place, a "
@@ -111,6 +112,17 @@ def memory_messages(question: str, facts: list[str]) -> list[dict[str, str]]:
     listing = "\n".join(f"- {fact}" for fact in facts) or "- (nothing)"
     return [{"role": "system", "content": READER_SYSTEM.format(question=question, facts=listing)},
             {"role": "user", "content": question}]
+
+
+def model_answer(engine: Any, store: Any, user: str, question: str, *, k: int = 5, max_tokens: int = 16,
+                 agent: str | None = None) -> Answer:
+    """Retrieve, prompt, and let the model answer (greedy, through ``inference.Engine.chat``)."""
+    from ..inference import SamplingParams
+
+    records = retrieve(store, user, question, k=k, agent=agent)
+    completion = engine.chat(memory_messages(question, [r.text for r in records]), SamplingParams(max_tokens=max_tokens,
+                                                                                temperature=0.0))
+    return Answer(completion.text.strip(), question_slot(question), records[0] if records else None)
 
 
 def normalize_answer(text: str) -> str:
