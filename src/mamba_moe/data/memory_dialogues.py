@@ -539,11 +539,11 @@ def _hard_negative(probe: Probe, probed: set[str], facts: list[str],
     nor the listed facts use, about someone the conversation says nothing of that attribute for — no
     current, changed, retracted, forgotten or never-stated slot of its probes — so it contradicts nothing
     the conversation holds; None when the attribute is the user's alone (pets, events)."""
-    relation, attribute = split_slot(probe.slot)
+    attribute = split_slot(probe.slot)[1]
     if not attribute.about_others:
         return None
-    people = [who for who in (None, *(rel for _, rel in RELATIONS)) if who != relation]
-    people = [who for who in people if slot_name(attribute.key, who) not in probed]
+    # the probe's own person is among the probed slots too
+    people = [who for who in (None, *(rel for _, rel in RELATIONS)) if slot_name(attribute.key, who) not in probed]
     taken = {probe.answer, *probe.stale, *probe.forgotten, *probe.distractors}
     listed = normalize(" ".join(facts)).casefold()   # a value not in it as a substring cannot be mentioned
     values = [v for v, plain in _normalized_values(attribute.key) if v not in taken
