@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from helpers.bench import import_bench
 
 
 @pytest.fixture(scope="module")
 def export_decode():
-    sys.path.insert(0, str(BENCH))   # the script imports its sibling _machine.py
-    try:
-        yield importlib.import_module("export_decode")
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from import_bench("export_decode")
 
 
 def test_a_list_value_keeps_its_commas_and_fields_split_at_the_next_name(export_decode):

@@ -3,22 +3,15 @@ running commands at once without losing a failure."""
 
 from __future__ import annotations
 
-import importlib
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from helpers.bench import import_bench
 
 
 @pytest.fixture(scope="module")
 def memory_reader():
-    sys.path.insert(0, str(BENCH))   # the script imports its sibling _machine.py
-    try:
-        yield importlib.import_module("memory_reader")
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from import_bench("memory_reader")
 
 
 def test_pooled_counts_right_answers_not_an_average_of_rates(memory_reader):
