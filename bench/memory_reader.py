@@ -16,8 +16,9 @@ command a user runs, timed:
 2. ``mamba-moe data train-tokenizer`` on those rows' text (the checkpoint carries it; the evaluation's model
    reader encodes its prompts with the checkpoint's own tokenizer);
 3. ``mamba-moe train --config configs/train/memory_reader_cpu.yaml``;
-4. ``mamba-moe eval RUN --tasks memory --chat --set memory.reader=model`` per evaluation seed, and the
-   same for ``memory.reader=oracle`` (the store and retrieval alone) beside it;
+4. ``mamba-moe eval RUN --tasks memory --chat --set memory.reader=model`` per evaluation seed (and
+   ``memory.reader=choice`` with ``--readers model choice``: the same prompt, the model's most likely shown
+   value or abstention), and ``memory.reader=oracle`` (the store and retrieval alone) beside them;
 5. the wrong answers counted by why they are wrong (the report's ``failures``), with a few examples each.
 
 The model is a small reader trained only on the reader task, not the 300M chat model of stage 4: its
@@ -175,8 +176,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the evaluation")
     ap.add_argument("--device", default="cpu", help="torch device of the evaluation (cuda on a GPU)")
     ap.add_argument("--examples", type=int, default=3, help="wrong answers shown per failure")
+    ap.add_argument("--skip-data", action="store_true", help="reuse OUT's rows and tokenizer (made here or by an "
+                    "earlier run) and train on them")
     ap.add_argument("--skip-train", action="store_true", help="reuse OUT's data, tokenizer and run")
-    ap.add_argument("--skip-oracle", action="store_true", help="evaluate the model reader only")
+    ap.add_argument("--skip-oracle", action="store_true", help="evaluate the model's readers only")
+    ap.add_argument("--readers", nargs="+", choices=("model", "choice"), default=["model"],
+                    help="how the trained model answers: model (greedy, what a chat does) and/or choice (the most "
+                         "likely of the shown values and I don't know: splits its misses into choosing and copying)")
     ap.add_argument("--training-seeds", type=int, nargs="+", metavar="SEED",
                     help="train one reader per seed (the train config's seed: initialisation, batch order and which "
                          "0.5%% of the rows it keeps for validation), all at once, from the same rows file; each is "
@@ -200,7 +206,11 @@ def main() -> int:
     print(f"# memory reader {args.config}: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, Python {platform.python_version()}")
     times: dict[str, float] = {}
-    if not args.skip_train:
+    if args.skip_data and not args.skip_train:
+        missing = [rel(p) for p in (rows, tokenizer) if not p.exists()]
+        if missing:
+            raise SystemExit(f"--skip-data: {', '.join(missing)} not found; run once without it")
+    if not args.skip_train and not args.skip_data:
         times["data"] = run(cli("data", "memory-dialogues", "--seed", str(args.seed), "--conversations",
                                 str(args.conversations), "--sessions", str(args.sessions), "--format", "reader",
                                 "--hard-negatives", str(args.hard_negatives), "--out", rel(rows)),
@@ -211,6 +221,7 @@ def main() -> int:
         print(f"  tokenizer text: {n} rows -> {rel(text)}")
         times["tokenizer"] = run(cli("data", "train-tokenizer", rel(text), "--output", rel(tokenizer),
                                      "--vocab-size", str(args.vocab_size)), out / "logs" / "tokenizer.log")
+    if not args.skip_train:
         jobs = []
         for t, model in models.items():
             train = cli("train", "--config", args.config, f"data.path={rel(rows)}", f"data.tokenizer={rel(tokenizer)}",
@@ -231,7 +242,7 @@ def main() -> int:
         cmd = cli("eval", rel(model), "--tasks", "memory", "--seed", str(seed), "--set", f"memory.reader={reader}",
                   "--set", f"memory.conversations={args.eval_conversations}", "--threads", str(args.threads),
                   "--device", args.device, "--output", rel(out / name), "--no-progress")
-        if reader == "model":
+        if reader != "oracle":
             cmd.insert(cmd.index("--seed"), "--chat")
         return cmd, out / "logs" / f"{name}.log", out / name
 
@@ -239,7 +250,8 @@ def main() -> int:
     for seed in args.eval_seeds:
         # the trainings' model readers at once; the oracle (the store and retrieval alone, one evaluation
         # whatever the trainings) after them, so a single training's timings are those of one process
-        groups = [[("model", t, job("model", t, model, seed)) for t, model in models.items()]]
+        groups = [[(reader, t, job(reader, t, model, seed)) for t, model in models.items()]
+                  for reader in dict.fromkeys(args.readers)]
         if not args.skip_oracle:
             groups.append([("oracle", None, job("oracle", None, next(iter(models.values())), seed))])
         for group in groups:
@@ -249,9 +261,9 @@ def main() -> int:
                 results.append((reader, t, seed, entry, eval_dir, wall))
 
     def label(reader: str, t: int | None) -> str:
-        if reader != "model":
+        if reader == "oracle":
             return "oracle"
-        return f"model: {reader_name}" + ("" if t is None else f" (training seed {t})")
+        return f"{reader}: {reader_name}" + ("" if t is None else f" (training seed {t})")
 
     print("\n| reader | eval seed | probes | recall | latest | stale | abstention | deleted | deleted leaks | "
           "gold in prompt |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -264,7 +276,7 @@ def main() -> int:
         cells = [pooled(entries, key) for key in (None, "latest", "abstention")]
         print(f"| {label(reader, t)} | " + " | ".join(f"{a}/{b} = {a / b:.3f}" if b else "–" for a, b in cells) + " |")
     for reader, t, seed, entry, eval_dir, seconds in results:
-        if reader != "model":
+        if reader == "oracle":
             continue
         tokens = entry["conversation_tokens"]
         print(f"\n{label(reader, t)}, seed {seed} ({seconds:.0f}s; conversations {tokens['min']}-{tokens['max']} "

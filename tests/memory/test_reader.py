@@ -10,6 +10,7 @@ from mamba_moe.memory import MemoryStore
 from mamba_moe.memory.extract import Extractor, apply_operations
 from mamba_moe.memory.reader import (
     READER_SYSTEM,
+    answer_choices,
     answers_match,
     is_abstention,
     memory_messages,
@@ -117,3 +118,16 @@ def test_model_answer_asks_the_engine_greedily_with_the_retrieved_facts(store):
     assert messages == memory_messages("Where do I live?", facts) and "Lisbon" in facts[0]
     assert params.temperature == 0.0 and params.max_tokens == 8
     assert answer.text == "Lisbon" and answer.slot == "city" and answer.record.value == "Lisbon"
+
+
+def test_answer_choices_are_the_shown_values_once_then_the_abstention(store):
+    ex = Extractor()
+    for i, message in enumerate(["I live in Oslo.", "My brother lives in Oslo.", "My sister lives in Bergen.",
+                                 "I work at Globex.", "I quit my job."]):
+        apply_operations(store, "ada", ex.extract(message, now=f"2026-03-04T10:{i:02d}:00Z"))
+    records = retrieve(store, "ada", "Where does my sister live?", k=5)
+    choices = answer_choices(records)
+    assert choices[-1] == ABSTAIN and choices.count(ABSTAIN) == 1
+    assert choices[:-1] == list(dict.fromkeys(r.value for r in records if r.value))   # prompt order, once each
+    assert choices[0] == "Bergen" and choices.count("Oslo") == 1
+    assert answer_choices([]) == [ABSTAIN]

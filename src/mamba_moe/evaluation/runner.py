@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .backends.base import Backend, GenRequest, GenResult
+from .backends.base import Backend, ChoiceRequest, ChoiceResult, GenRequest, GenResult
 from .cache import SampleCache, sample_key
 from .errors import EvalError
 from .report import harness_versions, write_report
@@ -53,6 +53,10 @@ def _record(task: Task, item: Item, key: str, output: Any, verdict: dict[str, An
         record.update(output=output.text, finish_reason=output.finish_reason)
         if output.error:
             record["error"] = output.error
+    elif isinstance(output, ChoiceResult):
+        record.update(logprobs=list(output.logprobs), answer_tokens=list(output.tokens))
+        if output.error:
+            record["error"] = output.error
     record.update(target=item.target, meta=_public(item.meta), verdict=verdict)
     return record
 
@@ -63,6 +67,8 @@ def _run_batch(backend: Backend, items: Sequence[Item]) -> list[Any]:
         return backend.generate(requests)  # type: ignore[arg-type]
     if all(isinstance(r, RollingRequest) for r in requests):
         return backend.rolling_loglikelihood([r.text for r in requests])  # type: ignore[union-attr]
+    if all(isinstance(r, ChoiceRequest) for r in requests):
+        return backend.choose(requests)  # type: ignore[arg-type]
     raise TypeError("a batch mixes request kinds")
 
 

@@ -6,8 +6,10 @@ The *oracle reader* then reads ``store.current(user, slot)`` and answers with th
 retrieval alone can answer, with no model in the way. The *model reader* retrieves the same current
 record plus the best keyword/vector hits (``store.search``), writes them into a system message
 (:func:`memory_messages`, rendered with the project's ChatML by whoever encodes it) and lets the model
-answer greedily through the inference engine; the evaluation scores both by exact match
-(:func:`normalize_answer`).
+answer greedily through the inference engine. The *choice reader* shows the model the same prompt but
+does not let it write: it takes the most likely of the shown facts' values and ``I don't know``
+(:func:`answer_choices`), so what it gets wrong is the choice (whose fact, which attribute, whether
+to abstain), never the copy. The evaluation scores all three by exact match (:func:`normalize_answer`).
 """
 
 from __future__ import annotations
@@ -123,6 +125,13 @@ def model_answer(engine: Any, store: Any, user: str, question: str, *, k: int = 
     completion = engine.chat(memory_messages(question, [r.text for r in records]), SamplingParams(max_tokens=max_tokens,
                                                                                 temperature=0.0))
     return Answer(completion.text.strip(), question_slot(question), records[0] if records else None)
+
+
+def answer_choices(records: list[Any]) -> list[str]:
+    """What the choice reader picks from: each shown fact's value once, in the prompt's order, then the
+    abstention (a retracted fact has no value and is not a choice)."""
+    values = dict.fromkeys(r.value for r in records if r.value and not is_abstention(r.value))
+    return [*values, ABSTAIN]
 
 
 def normalize_answer(text: str) -> str:

@@ -2,8 +2,9 @@
 
 A backend generates (``generate``: plain prompts for base models, message lists for chat) and, where it
 can see token probabilities, scores text (``loglikelihood`` for a continuation given a context,
-``rolling_loglikelihood`` for a whole document). Tasks ask ``capabilities`` first, so a backend that
-cannot score (an OpenAI endpoint) is reported as such instead of failing halfway.
+``rolling_loglikelihood`` for a whole document, ``choose`` for the answers an assistant could give a
+chat). Tasks ask the capabilities first (``can_score``, ``can_choose``), so a backend that cannot score
+(an OpenAI endpoint) is reported as such instead of failing halfway.
 """
 
 from __future__ import annotations
@@ -43,6 +44,43 @@ class GenRequest:
         else:
             out["messages"] = self.message_dicts()
         return out
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """Which of ``choices`` the assistant would answer a chat with: each choice is scored as the whole answer
+    turn (its text, then the end of the turn) after the chat's prompt, as the model was trained to end one."""
+
+    messages: tuple[tuple[str, str], ...]   # (role, content) pairs, as in GenRequest
+    choices: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            raise ValueError("ChoiceRequest: choices is empty")
+        if len(set(self.choices)) != len(self.choices):
+            raise ValueError(f"ChoiceRequest: choices repeat: {list(self.choices)}")
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"messages": self.message_dicts(), "choices": list(self.choices)}
+
+
+@dataclass
+class ChoiceResult:
+    """log P(choice's answer turn | the chat) in nats per choice, in the request's order, and its token counts."""
+
+    logprobs: tuple[float, ...]
+    tokens: tuple[int, ...]
+    error: str | None = None
+
+    @property
+    def best(self) -> int | None:
+        """Index of the most likely choice (the first of equals), or None after an error."""
+        if self.error or not self.logprobs:
+            return None
+        return max(range(len(self.logprobs)), key=self.logprobs.__getitem__)
 
 
 @dataclass
@@ -94,6 +132,7 @@ class Backend(ABC):
 
     info: BackendInfo
     can_score: bool = False          # loglikelihood + rolling_loglikelihood implemented
+    can_choose: bool = False         # choose implemented (a chat's answers scored in its own chat encoding)
     max_context: int | None = None   # prompt + output tokens, when the backend knows it
 
     @abstractmethod
@@ -108,6 +147,10 @@ class Backend(ABC):
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[Loglikelihood]:
         raise EvalError(f"{self.info.kind} backend: cannot score text (no token probabilities); tasks that need "
                         "log-likelihoods (ppl, lm-eval's multiple choice) need a checkpoint, HF or GGUF model")
+
+    def choose(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceResult]:
+        raise EvalError(f"{self.info.kind} backend: cannot score a chat's answers (no token probabilities, or no "
+                        "chat encoding of its own here); choosing among answers needs a checkpoint model")
 
     def rolling_loglikelihood(self, texts: Sequence[str]) -> list[RollingScore]:
         raise EvalError(f"{self.info.kind} backend: cannot score text (no token probabilities); the ppl task "

@@ -10,8 +10,18 @@ from pathlib import Path
 
 import torch
 
-from .base import Backend, BackendInfo, GenRequest, GenResult, Loglikelihood, RollingScore
-from .scoring import loglikelihoods, rolling
+from .base import (
+    Backend,
+    BackendInfo,
+    ChoiceRequest,
+    ChoiceResult,
+    GenRequest,
+    GenResult,
+    Loglikelihood,
+    RollingScore,
+    check_finite,
+)
+from .scoring import loglikelihoods, rolling, score_units
 
 
 def config_digest(path: Path) -> str:
@@ -26,6 +36,7 @@ def config_digest(path: Path) -> str:
 
 class CheckpointBackend(Backend):
     can_score = True
+    can_choose = True
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", max_batch: int = 16,
                  decoder: str = "model", batch_scoring: bool = True) -> None:
@@ -39,6 +50,7 @@ class CheckpointBackend(Backend):
 
         self._doc_tokenizer = raw_copy(self.engine.tokenizer, encode_special_tokens=True)
         self.prefix_id = special_ids(self.engine.tokenizer).eos
+        self.end_of_turn_id = special_ids(self.engine.tokenizer).im_end
         self.info = BackendInfo("checkpoint", str(self.path.resolve()), {
             "device": device, "dtype": dtype, "decoder": decoder, "digest": config_digest(self.path),
             "parameters": sum(p.numel() for p in self.engine.model.parameters())})
@@ -112,6 +124,31 @@ class CheckpointBackend(Backend):
     def rolling_loglikelihood(self, texts: Sequence[str]) -> list[RollingScore]:
         return rolling(self.logits, self.encode_text, self.prefix_id, self.max_context, texts,
                        batch_logits_fn=self._batch_fn)
+
+    def choose(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceResult]:
+        """Each choice scored as the answer turn SFT trains on (``data/chat.py``'s ``encode_chat``: the content
+        encoded with special-token strings as text, then ``<|im_end|>``) after the prompt ``generate`` would
+        feed (``Engine.chat_prompt``); all of them batched through the same scorer as ``loglikelihood``. A prompt
+        that does not fit the context is an error of that request, never cut: its facts open it."""
+        if self.end_of_turn_id is None:
+            raise ValueError("choose: the tokenizer has no <|im_end|>, so an answer turn cannot end")
+        results: list[ChoiceResult | None] = [None] * len(requests)
+        units, owner = [], []
+        for i, request in enumerate(requests):
+            prompt = self.engine.chat_prompt(request.message_dicts())
+            answers = [self.encode_text(choice) + [self.end_of_turn_id] for choice in request.choices]
+            longest = len(prompt) + max(map(len, answers)) - 1
+            if longest > self.max_context:
+                results[i] = ChoiceResult((), (), f"prompt and answer: {longest} tokens, the context holds "
+                                                  f"{self.max_context}")
+                continue
+            units += [(prompt + answer, len(answer)) for answer in answers]
+            owner.append((i, [len(answer) for answer in answers]))
+        scores = iter(score_units(self.logits, units, self._batch_fn))
+        for i, lengths in owner:
+            logprobs = tuple(check_finite(next(scores)[0], "choose") for _ in lengths)
+            results[i] = ChoiceResult(logprobs, tuple(lengths))
+        return results  # type: ignore[return-value]
 
     def close(self) -> None:
         self.engine = None  # type: ignore[assignment]

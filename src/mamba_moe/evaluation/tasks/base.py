@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..backends.base import Backend, GenRequest, GenResult, RollingScore
+from ..backends.base import Backend, ChoiceRequest, ChoiceResult, GenRequest, GenResult, RollingScore
 from ..errors import EvalError
 
 
@@ -27,8 +27,8 @@ class RollingRequest:
         return {"text": self.text}
 
 
-Request = GenRequest | RollingRequest
-Output = GenResult | RollingScore
+Request = GenRequest | RollingRequest | ChoiceRequest
+Output = GenResult | RollingScore | ChoiceResult
 
 
 MODEL = "model"   # Item.backend of the model under evaluation

@@ -7,7 +7,10 @@ seed ``EVAL_SEEDS.start + s``) is replayed message by message through the rule e
 - ``reader=oracle``: the store and retrieval alone (``memory/reader.py``'s oracle: the question's slot,
   ``store.current``); the model's answer is not used (the runner sends every item to the model, so its
   request is the bare question for one token, and that token is ignored);
-- ``reader=model``: the retrieved facts in a system message, the question, the model's greedy answer.
+- ``reader=model``: the retrieved facts in a system message, the question, the model's greedy answer;
+- ``reader=choice``: the same prompt; the answer is the most likely of the shown facts' values and
+  ``I don't know`` (each scored as the model's whole answer turn), so a miss is a wrong choice, never a
+  garbled copy: beside ``model`` it splits the model's losses into choosing and copying.
 
 Exact match after normalising case, spaces and closing punctuation; no judge. Reported: ``recall`` (the
 metric: facts stated once), ``latest`` (facts changed since: the last value, or an abstention after a
@@ -34,6 +37,7 @@ from ...data.chatml import render_chat_text
 from ...data.memory_dialogues import EVAL_SEEDS, KINDS, Conversation, DialogueConfig, generate
 from ...memory.extract import Extractor, apply_operations
 from ...memory.reader import (
+    answer_choices,
     answers_match,
     is_abstention,
     memory_messages,
@@ -43,12 +47,13 @@ from ...memory.reader import (
     retrieve,
 )
 from ...memory.slots import ABSTAIN, split_slot
-from ..backends.base import Backend, GenRequest
+from ..backends.base import Backend, ChoiceRequest, GenRequest
+from ..errors import EvalError
 from ..stats import clustered_interval, wilson_interval
 from .base import Item, Option, Task, positive_int
 
 CHARS_PER_TOKEN = 4
-READERS = ("oracle", "model")
+READERS = ("oracle", "model", "choice")
 
 
 def reader_kind(text: str) -> str:
@@ -82,7 +87,8 @@ class MemoryRecall(Task):
     name = "memory"
     metric = "recall"
     OPTIONS = {
-        "reader": Option(reader_kind, "oracle", "oracle (the store and retrieval alone) or model"),
+        "reader": Option(reader_kind, "oracle", "oracle (the store and retrieval alone), model (the model's "
+                         "greedy answer) or choice (the model's most likely shown value or abstention)"),
         "conversations": Option(positive_int, 20, "held-out conversations (--limit cuts the probes)"),
         "sessions": Option(positive_int, 50, "sessions per conversation"),
         "k": Option(positive_int, 5, "facts retrieved into the model reader's prompt"),
@@ -105,7 +111,10 @@ class MemoryRecall(Task):
     def items(self, backend: Backend, limit: int | None) -> list[Item]:
         from ...memory.store import MemoryStore
 
-        oracle = self.options["reader"] == "oracle"
+        reader = self.options["reader"]
+        if reader == "choice" and not backend.can_choose:
+            raise EvalError(f"memory.reader=choice: the {backend.info.kind} backend cannot score a chat's answers; "
+                            "use a checkpoint, or memory.reader=model")
         out, lengths, estimated, extracted = [], [], False, defaultdict(int)
         conversations = self.conversations()
         with tempfile.TemporaryDirectory(prefix="mamba-moe-memory-eval-") as tmp, \
@@ -122,8 +131,10 @@ class MemoryRecall(Task):
                     messages = tuple((m["role"], m["content"]) for m in memory_messages(probe.question, facts))
                     leaked = (store_leaks(store, conversation, probe.slot, probe.forgotten)
                               if probe.kind == "deleted" else 0)
-                    if oracle:   # the runner asks every item's model: one token of the bare question, ignored
+                    if reader == "oracle":   # the runner asks every item's model: one token of the question, ignored
                         request = GenRequest(messages=(("user", probe.question),), max_tokens=1)
+                    elif reader == "choice":
+                        request = ChoiceRequest(messages, tuple(answer_choices(records)))
                     else:
                         request = GenRequest(messages=messages, max_tokens=self.options["max_tokens"],
                                              stop=("\n",))   # the answer is its first line
@@ -146,7 +157,8 @@ class MemoryRecall(Task):
         return out[:limit]
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "prompt": "chat messages", "decoding": "greedy",
+        return {**super().settings(), "prompt": "chat messages",
+                "decoding": "most likely shown value or abstention" if self.options["reader"] == "choice" else "greedy",
                 "eval_seed": EVAL_SEEDS.start + self.seed}
 
     def score(self, items: Sequence[Item], outputs: Sequence[Any]) -> list[dict[str, Any]]:
@@ -154,6 +166,9 @@ class MemoryRecall(Task):
         for item, output in zip(items, outputs, strict=True):
             if self.options["reader"] == "oracle":
                 answer, error = item.meta["oracle"], None
+            elif self.options["reader"] == "choice":
+                best = output.best
+                answer, error = ("", output.error) if best is None else (item.request.choices[best], None)
             else:
                 answer, error = ("", output.error) if output.error else (output.text, None)
             verdicts.append(judge(answer, item.target, item.meta) | ({"error": error} if error else {}))

@@ -1,0 +1,108 @@
+"""``Backend.choose``: a chat's candidate answers scored as the answer turn SFT trains on, and the memory task's
+choice reader built on it."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from mamba_moe.data import memory_dialogues as md
+from mamba_moe.data.chat import ChatEncoder
+from mamba_moe.evaluation.backends.base import Backend, BackendInfo, ChoiceRequest, GenResult
+from mamba_moe.evaluation.backends.checkpoint import CheckpointBackend
+from mamba_moe.evaluation.errors import EvalError
+from mamba_moe.evaluation.runner import run_eval
+from mamba_moe.memory.reader import is_abstention
+from mamba_moe.memory.slots import ABSTAIN
+
+TOLERANCE = 1e-4   # nats: float32 logits of a left-padded batch against one sequence alone
+
+
+@pytest.fixture(scope="module")
+def backend(toy_checkpoint):
+    return CheckpointBackend(toy_checkpoint)
+
+
+def _reference(backend, messages, choice):
+    """log P(answer turn) from the training encoding of the whole chat: one forward, the loss mask's positions."""
+    chat = [{"role": r, "content": c} for r, c in messages] + [{"role": "assistant", "content": choice}]
+    ids, mask = ChatEncoder(backend.engine.tokenizer).encode(chat)
+    with torch.inference_mode():
+        logits = backend.engine.model(torch.tensor([ids]), router_stats=False).logits[0].double()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    scored = torch.tensor(mask[1:], dtype=torch.bool)
+    return float(logprobs[scored].sum()), int(scored.sum())
+
+
+def test_choose_scores_each_answer_turn_as_training_encodes_it(backend, fresh_seed):
+    rng = random.Random(fresh_seed)
+    words = ["Oslo", "Lisbon", "2025-04-13", "Peanut", "nurse", "<|im_end|>", "blue", "Zoë"]
+    requests = []
+    for _ in range(3):
+        facts = "\n".join(f"- fact {rng.choice(words)} {rng.randint(0, 99)}" for _ in range(rng.randint(1, 5)))
+        messages = (("system", f"Facts:\n{facts}"), ("user", f"Where is {rng.choice(words)}?"))
+        choices = tuple(dict.fromkeys([*rng.sample(words, rng.randint(1, 4)), ABSTAIN]))
+        requests.append(ChoiceRequest(messages, choices))
+    results = backend.choose(requests)
+    for request, result in zip(requests, results, strict=True):
+        assert result.error is None and len(result.logprobs) == len(request.choices)
+        for choice, logprob, tokens in zip(request.choices, result.logprobs, result.tokens, strict=True):
+            want, n = _reference(backend, request.messages, choice)
+            assert tokens == n                                   # the content and <|im_end|>, nothing more
+            assert logprob == pytest.approx(want, abs=TOLERANCE), choice
+        assert result.best == max(range(len(result.logprobs)), key=result.logprobs.__getitem__)
+
+
+def test_a_prompt_longer_than_the_context_is_that_requests_error(backend):
+    long = ChoiceRequest((("user", "word " * 2000),), ("a", "b"))
+    short = ChoiceRequest((("user", "Where do I live?"),), ("Oslo", ABSTAIN))
+    too_long, fine = backend.choose([long, short])
+    assert too_long.error and "context holds 1024" in too_long.error and too_long.best is None
+    assert fine.error is None and len(fine.logprobs) == 2
+
+
+def test_choice_request_checks_its_choices():
+    with pytest.raises(ValueError, match="choices is empty"):
+        ChoiceRequest((("user", "q"),), ())
+    with pytest.raises(ValueError, match="choices repeat"):
+        ChoiceRequest((("user", "q"),), ("Oslo", "Oslo"))
+
+
+@pytest.mark.slow
+def test_choice_reader_answers_with_a_shown_value_or_abstains(backend, tmp_path, fresh_seed):
+    seed = fresh_seed % 1000
+    report = run_eval(backend, ["memory"], tmp_path, seed=seed, chat=True,
+                      options={"memory": {"conversations": "1", "sessions": "6", "reader": "choice"}})
+    entry = report["tasks"]["memory"]
+    records = [json.loads(line) for line in (tmp_path / "samples" / "memory.jsonl").read_text().splitlines()]
+    (conversation,) = md.generate(md.EVAL_SEEDS.start + seed, 1, split="eval", config=md.DialogueConfig(sessions=6))
+    assert len(records) == len(conversation.probes)
+    for record, probe in zip(records, conversation.probes, strict=True):
+        choices, logprobs = record["choices"], record["logprobs"]
+        assert choices[-1] == ABSTAIN and len(logprobs) == len(choices)
+        shown = [value for _, value in record["meta"]["prompt_facts"] if value]
+        assert choices[:-1] == list(dict.fromkeys(shown))                  # the prompt's values, once each
+        answer = record["verdict"]["answer"]
+        assert answer == choices[max(range(len(logprobs)), key=logprobs.__getitem__)]   # the most likely
+        assert record["verdict"].get("failure") not in ("garbled_copy",)                 # never a half copy
+        assert record["verdict"]["correct"] == (is_abstention(answer) if probe.answer == ABSTAIN
+                                                else answer.casefold() == probe.answer.casefold())
+    recall = [r["verdict"]["correct"] for r, p in zip(records, conversation.probes, strict=True) if p.kind == "recall"]
+    assert entry["value"] == (sum(recall) / len(recall) if recall else None)
+    assert entry["settings"]["decoding"] == "most likely shown value or abstention"
+
+
+class _WritesOnly(Backend):
+    info = BackendInfo("openai", "http://example.invalid")
+
+    def generate(self, requests):
+        return [GenResult("") for _ in requests]
+
+
+def test_choice_reader_refuses_a_backend_that_cannot_score(tmp_path):
+    with pytest.raises(EvalError, match="memory.reader=choice: the openai backend"):
+        run_eval(_WritesOnly(), ["memory"], tmp_path, chat=True,
+                 options={"memory": {"conversations": "1", "sessions": "3", "reader": "choice"}})
