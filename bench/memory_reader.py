@@ -209,7 +209,10 @@ def main() -> int:
     if args.skip_data and not args.skip_train:
         missing = [rel(p) for p in (rows, tokenizer) if not p.exists()]
         if missing:
-            raise SystemExit(f"--skip-data: {', '.join(missing)} not found; run once without it")
+            raise SystemExit(f"--skip-data: {', '.join(missing)} not found (make them with `mamba-moe data "
+                             "memory-dialogues` and `mamba-moe data train-tokenizer`, or run once without it)")
+        print(f"  --skip-data: training on {rel(rows)} and {rel(tokenizer)} as they are; the data options "
+              "(--seed, --conversations, --sessions, --hard-negatives, --vocab-size, --tokenizer-rows) are not used")
     if not args.skip_train and not args.skip_data:
         times["data"] = run(cli("data", "memory-dialogues", "--seed", str(args.seed), "--conversations",
                                 str(args.conversations), "--sessions", str(args.sessions), "--format", "reader",
@@ -234,7 +237,7 @@ def main() -> int:
         times["train"] = max(run_all(jobs))
         total = sum(times.values())
         parts = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
-        print(f"data + tokenizer + training: {total:.0f}s wall ({parts})")
+        print(f"{' + '.join(times)}: {total:.0f}s wall ({parts})")
 
     def job(reader: str, t: int | None, model: Path, seed: int) -> tuple[list[str], Path, Path]:
         """The evaluation command of one reader on one seed, its log, and its output directory."""

@@ -4,6 +4,7 @@ choice reader built on it."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -13,6 +14,7 @@ from mamba_moe.data import memory_dialogues as md
 from mamba_moe.data.chat import ChatEncoder
 from mamba_moe.evaluation.backends.base import Backend, BackendInfo, ChoiceRequest, GenResult
 from mamba_moe.evaluation.backends.checkpoint import CheckpointBackend
+from mamba_moe.evaluation.backends.scoring import choices
 from mamba_moe.evaluation.errors import EvalError
 from mamba_moe.evaluation.runner import run_eval
 from mamba_moe.memory.reader import is_abstention
@@ -53,7 +55,6 @@ def test_choose_scores_each_answer_turn_as_training_encodes_it(backend, fresh_se
             want, n = _reference(backend, request.messages, choice)
             assert tokens == n                                   # the content and <|im_end|>, nothing more
             assert logprob == pytest.approx(want, abs=TOLERANCE), choice
-        assert result.best == max(range(len(result.logprobs)), key=result.logprobs.__getitem__)
 
 
 def test_a_prompt_longer_than_the_context_is_that_requests_error(backend):
@@ -62,6 +63,25 @@ def test_a_prompt_longer_than_the_context_is_that_requests_error(backend):
     too_long, fine = backend.choose([long, short])
     assert too_long.error and "context holds 1024" in too_long.error and too_long.best is None
     assert fine.error is None and len(fine.logprobs) == 2
+
+
+def test_choices_fit_the_context_exactly_and_errors_keep_the_others_in_place():
+    """``scoring.choices`` at the boundary: the model reads prompt + answer - 1 tokens, so that many = max_len fits
+    and one more does not; a refused request between others leaves their scores where they belong."""
+    vocab, max_len = 7, 10
+    logits_fn = lambda ids: torch.zeros(len(ids), vocab)              # noqa: E731 - uniform: -n log 7 a unit
+    prompt_ids = lambda request: [0] * int(request.messages[0][1])    # noqa: E731 - the content is the length
+    answer_ids = lambda text: [1] * len(text)                          # noqa: E731 - one token a character
+    requests = [ChoiceRequest((("user", str(n)),), choices) for n, choices in
+                [(8, ("ab", "abc")), (9, ("abc",)), (5, ("a", "abcd")), (4, ("abcdefgh", "a"))]]
+    results = choices(logits_fn, prompt_ids, answer_ids, max_len, requests)
+    assert [r.error is None for r in results] == [True, False, True, False]   # 8+3-1 fits, 9+3-1 and 4+8-1 do not
+    assert "11 tokens to read" in results[1].error and "holds 10" in results[1].error
+    for result, request in zip(results, requests, strict=True):
+        if result.error is None:
+            assert result.tokens == tuple(map(len, request.choices))
+            assert result.logprobs == pytest.approx([-n * math.log(vocab) for n in result.tokens])
+            assert result.best == 0                                     # the shortest is the likeliest here
 
 
 def test_choice_request_checks_its_choices():
@@ -106,3 +126,26 @@ def test_choice_reader_refuses_a_backend_that_cannot_score(tmp_path):
     with pytest.raises(EvalError, match="memory.reader=choice: the openai backend"):
         run_eval(_WritesOnly(), ["memory"], tmp_path, chat=True,
                  options={"memory": {"conversations": "1", "sessions": "3", "reader": "choice"}})
+
+
+@pytest.mark.slow
+def test_transformers_chooses_as_our_checkpoint_does(backend, toy_checkpoint, tmp_path, fresh_seed):
+    """The HF export through transformers (its chat template, its GraniteMoeHybrid) scores the same answer turns
+    to float32 rounding: parity by log-probabilities with code nobody here wrote."""
+    from mamba_moe.evaluation.backends.hf import HFBackend
+    from mamba_moe.export.hf_export import export_hf
+
+    export_hf(toy_checkpoint, tmp_path / "hf")
+    hf = HFBackend(tmp_path / "hf")
+    rng = random.Random(fresh_seed)
+    words = ["Oslo", "Montréal", "2025-04-13", "Peanut", "ice hockey", "Zoë"]
+    requests = [ChoiceRequest((("system", "Facts:\n" + "\n".join(f"- The user likes {rng.choice(words)}."
+                                                                    for _ in range(rng.randint(1, 4)))),
+                               ("user", f"What about {rng.choice(words)}?")),
+                              tuple(dict.fromkeys([*rng.sample(words, 3), ABSTAIN])))
+                for _ in range(3)]
+    ours, theirs = backend.choose(requests), hf.choose(requests)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.tokens == b.tokens                                     # the same answer turns
+        assert a.logprobs == pytest.approx(b.logprobs, abs=TOLERANCE)
+        assert a.best == b.best

@@ -31,6 +31,13 @@ def _require_markers(special: SpecialIds) -> tuple[int, int]:
     return special.im_start, special.im_end
 
 
+def answer_turn(encode: Encode, special: SpecialIds, content: str) -> list[int]:
+    """Ids of one turn's body as the model writes it: the content (special-token strings as text), then
+    ``<|im_end|>``: what SFT trains an assistant turn on, and what scoring an answer scores."""
+    _, im_end = _require_markers(special)
+    return [*encode(content), im_end]
+
+
 def encode_chat(encode: Encode, special: SpecialIds, messages: Sequence[Mapping[str, str]],
                 train_roles: Sequence[str] = ("assistant",)) -> tuple[list[int], list[int]]:
     """Ids of a chat and a same-length 0/1 mask, 1 exactly on the content and ``<|im_end|>`` of turns
@@ -45,7 +52,7 @@ def encode_chat(encode: Encode, special: SpecialIds, messages: Sequence[Mapping[
     mask: list[int] = []
     for message in messages:
         header = [im_start, *encode(f"{message['role']}\n")]
-        body = [*encode(message["content"]), im_end]
+        body = answer_turn(encode, special, message["content"])
         train = 1 if message["role"] in train_roles else 0
         ids += header + body + newline
         mask += [0] * len(header) + [train] * len(body) + [0] * len(newline)

@@ -18,6 +18,11 @@ from typing import Any
 from ..errors import EvalError
 
 
+def message_dicts(messages: tuple[tuple[str, str], ...] | None) -> list[dict[str, str]]:
+    """(role, content) pairs as the chat messages encoders take."""
+    return [{"role": role, "content": content} for role, content in messages or ()]
+
+
 @dataclass(frozen=True)
 class GenRequest:
     """One generation: ``prompt`` (text, completed as is) or ``messages`` (a chat, answered by the assistant)."""
@@ -34,7 +39,7 @@ class GenRequest:
             raise ValueError("GenRequest: give exactly one of prompt and messages")
 
     def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": role, "content": content} for role, content in self.messages or ()]
+        return message_dicts(self.messages)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"max_tokens": self.max_tokens, "stop": list(self.stop),
@@ -61,7 +66,7 @@ class ChoiceRequest:
             raise ValueError(f"ChoiceRequest: choices repeat: {list(self.choices)}")
 
     def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": role, "content": content} for role, content in self.messages]
+        return message_dicts(self.messages)
 
     def to_json(self) -> dict[str, Any]:
         return {"messages": self.message_dicts(), "choices": list(self.choices)}
@@ -150,7 +155,7 @@ class Backend(ABC):
 
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceResult]:
         raise EvalError(f"{self.info.kind} backend: cannot score a chat's answers (no token probabilities, or no "
-                        "chat encoding of its own here); choosing among answers needs a checkpoint model")
+                        "chat encoding of its own here); choosing among answers needs a checkpoint or an HF model")
 
     def rolling_loglikelihood(self, texts: Sequence[str]) -> list[RollingScore]:
         raise EvalError(f"{self.info.kind} backend: cannot score text (no token probabilities); the ppl task "

@@ -19,9 +19,8 @@ from .base import (
     GenResult,
     Loglikelihood,
     RollingScore,
-    check_finite,
 )
-from .scoring import loglikelihoods, rolling, score_units
+from .scoring import choices, loglikelihoods, rolling
 
 
 def config_digest(path: Path) -> str:
@@ -50,13 +49,12 @@ class CheckpointBackend(Backend):
 
         self._doc_tokenizer = raw_copy(self.engine.tokenizer, encode_special_tokens=True)
         self.prefix_id = special_ids(self.engine.tokenizer).eos
-        self.end_of_turn_id = special_ids(self.engine.tokenizer).im_end
         self.info = BackendInfo("checkpoint", str(self.path.resolve()), {
             "device": device, "dtype": dtype, "decoder": decoder, "digest": config_digest(self.path),
             "parameters": sum(p.numel() for p in self.engine.model.parameters())})
 
     # ---- generation ------------------------------------------------------------------------------
-    def _prompt_ids(self, request: GenRequest) -> list[int]:
+    def _prompt_ids(self, request: GenRequest | ChoiceRequest) -> list[int]:
         if request.messages is not None:
             return self.engine.chat_prompt(request.message_dicts())
         return self.engine.encode(request.prompt)
@@ -126,29 +124,13 @@ class CheckpointBackend(Backend):
                        batch_logits_fn=self._batch_fn)
 
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceResult]:
-        """Each choice scored as the answer turn SFT trains on (``data/chat.py``'s ``encode_chat``: the content
-        encoded with special-token strings as text, then ``<|im_end|>``) after the prompt ``generate`` would
-        feed (``Engine.chat_prompt``); all of them batched through the same scorer as ``loglikelihood``. A prompt
-        that does not fit the context is an error of that request, never cut: its facts open it."""
-        if self.end_of_turn_id is None:
-            raise ValueError("choose: the tokenizer has no <|im_end|>, so an answer turn cannot end")
-        results: list[ChoiceResult | None] = [None] * len(requests)
-        units, owner = [], []
-        for i, request in enumerate(requests):
-            prompt = self.engine.chat_prompt(request.message_dicts())
-            answers = [self.encode_text(choice) + [self.end_of_turn_id] for choice in request.choices]
-            longest = len(prompt) + max(map(len, answers)) - 1
-            if longest > self.max_context:
-                results[i] = ChoiceResult((), (), f"prompt and answer: {longest} tokens, the context holds "
-                                                  f"{self.max_context}")
-                continue
-            units += [(prompt + answer, len(answer)) for answer in answers]
-            owner.append((i, [len(answer) for answer in answers]))
-        scores = iter(score_units(self.logits, units, self._batch_fn))
-        for i, lengths in owner:
-            logprobs = tuple(check_finite(next(scores)[0], "choose") for _ in lengths)
-            results[i] = ChoiceResult(logprobs, tuple(lengths))
-        return results  # type: ignore[return-value]
+        """Each choice as the answer turn SFT trains on (``data/chat.py``'s ``answer_turn``) after the prompt
+        ``generate`` feeds."""
+        from ...data.chat import answer_turn
+
+        prompts = self.engine.prompts
+        return choices(self.logits, self._prompt_ids, lambda text: answer_turn(prompts.content, prompts.special, text),
+                       self.max_context, requests, self._batch_fn)
 
     def close(self) -> None:
         self.engine = None  # type: ignore[assignment]

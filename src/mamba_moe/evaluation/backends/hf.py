@@ -14,14 +14,25 @@ from pathlib import Path
 import torch
 
 from ..errors import EvalError
-from .base import Backend, BackendInfo, GenRequest, GenResult, Loglikelihood, RollingScore, truncate_at_stops
-from .scoring import loglikelihoods, rolling
+from .base import (
+    Backend,
+    BackendInfo,
+    ChoiceRequest,
+    ChoiceResult,
+    GenRequest,
+    GenResult,
+    Loglikelihood,
+    RollingScore,
+    truncate_at_stops,
+)
+from .scoring import choices, loglikelihoods, rolling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class HFBackend(Backend):
     can_score = True
+    can_choose = True
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
                  max_context: int | None = None, gguf_file: str | None = None) -> None:
@@ -48,14 +59,14 @@ class HFBackend(Backend):
             "device": device, "dtype": dtype, "architecture": type(self.model).__name__,
             "transformers": transformers.__version__})
 
-    def _prompt_ids(self, request: GenRequest) -> list[int]:
-        if request.messages is not None:
+    def _prompt_ids(self, request: GenRequest | ChoiceRequest) -> list[int]:
+        if request.messages is not None:   # a ChoiceRequest always has them
             if not getattr(self.tokenizer, "chat_template", None):
                 raise EvalError(f"{self.path}: chat mode needs a tokenizer with a chat template")
             ids = self.tokenizer.apply_chat_template(request.message_dicts(), add_generation_prompt=True,
                                                      tokenize=True)
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]  # type: ignore[union-attr]
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         out = []
@@ -99,3 +110,25 @@ class HFBackend(Backend):
 
     def rolling_loglikelihood(self, texts: Sequence[str]) -> list[RollingScore]:
         return rolling(self.logits, self.encode_text, self.prefix_id, self.max_context, texts)
+
+    def end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn: the last of the generation config's EOS ids that the chat
+        template writes after an assistant message (``<|im_end|>`` in our exports, whose EOS list also holds
+        ``<|endoftext|>``, which no turn ends with)."""
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        ids = self.tokenizer.apply_chat_template(turn, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ends = [i for i in ids if i in eos]
+        if not ends:
+            raise EvalError(f"{self.path}: the chat template ends an assistant turn with none of the generation "
+                            f"config's EOS ids {sorted(eos)}, so an answer turn cannot be scored")
+        return ends[-1]
+
+    def choose(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceResult]:
+        """Each choice as the assistant turn the tokenizer's chat template writes: its text, then the
+        end-of-turn token (:meth:`end_of_turn_id`), after the prompt ``generate`` feeds."""
+        end = self.end_of_turn_id()
+        return choices(self.logits, self._prompt_ids, lambda text: self.encode_text(text) + [end], self.max_context,
+                       requests)

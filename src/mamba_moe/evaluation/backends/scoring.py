@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import EvalError
-from .base import Loglikelihood, RollingScore, check_finite, rolling_windows, split_pair
+from .base import ChoiceRequest, ChoiceResult, Loglikelihood, RollingScore, check_finite, rolling_windows, split_pair
 
 LogitsFn = Callable[[list[int]], torch.Tensor]   # ids (l,) -> logits (l, V) of the next token at each position
 # id lists (one model input each) and k -> logits (b, k, V) of the last k positions of each input
@@ -112,3 +112,30 @@ def rolling(logits_fn: LogitsFn, encode: Callable[[str], list[int]], prefix_id: 
         nll[index] -= logprob
     return [RollingScore(check_finite(value, "rolling loglikelihood") if tokens else 0.0, tokens)
             for value, tokens in zip(nll, lengths, strict=True)]
+
+
+def choices(logits_fn: LogitsFn, prompt_ids: Callable[[ChoiceRequest], list[int]],
+            answer_ids: Callable[[str], list[int]], max_len: int, requests: Sequence[ChoiceRequest],
+            batch_logits_fn: BatchLogitsFn | None = None) -> list[ChoiceResult]:
+    """``Backend.choose`` for a backend that gives logits: each choice's answer ids (``answer_ids``: its text and
+    the end of the turn, in the backend's chat encoding) scored after the request's chat prompt (``prompt_ids``),
+    all requests' units batched together. A prompt and answer longer than ``max_len`` is an error of that
+    request, never cut: a chat's opening (a reader's facts) is what it is about."""
+    results: list[ChoiceResult | None] = [None] * len(requests)
+    units: list[tuple[list[int], int]] = []
+    owner: list[tuple[int, list[int]]] = []
+    for i, request in enumerate(requests):
+        prompt = prompt_ids(request)
+        answers = [answer_ids(choice) for choice in request.choices]
+        longest = len(prompt) + max(map(len, answers)) - 1    # the model reads all but the last answer token
+        if longest > max_len:
+            results[i] = ChoiceResult((), (), f"prompt and answer: {longest} tokens to read (the last answer token "
+                                              f"is only predicted), the context holds {max_len}")
+            continue
+        units += [(prompt + answer, len(answer)) for answer in answers]
+        owner.append((i, [len(answer) for answer in answers]))
+    scores = iter(score_units(logits_fn, units, batch_logits_fn))
+    for i, lengths in owner:
+        logprobs = tuple(check_finite(next(scores)[0], "choose") for _ in lengths)
+        results[i] = ChoiceResult(logprobs, tuple(lengths))
+    return results  # type: ignore[return-value]
