@@ -155,7 +155,7 @@ class Backend(ABC):
 
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceResult]:
         raise EvalError(f"{self.info.kind} backend: cannot score a chat's answers (no token probabilities, or no "
-                        "chat encoding of its own here); choosing among answers needs a checkpoint or an HF model")
+                        "chat encoding of its own here); choosing among answers needs a checkpoint, HF or GGUF model")
 
     def rolling_loglikelihood(self, texts: Sequence[str]) -> list[RollingScore]:
         raise EvalError(f"{self.info.kind} backend: cannot score text (no token probabilities); the ppl task "

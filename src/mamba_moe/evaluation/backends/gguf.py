@@ -26,12 +26,23 @@ from pathlib import Path
 import torch
 
 from ..errors import EvalError
-from .base import Backend, BackendInfo, GenRequest, GenResult, Loglikelihood, RollingScore, truncate_at_stops
-from .scoring import loglikelihoods, rolling
+from .base import (
+    Backend,
+    BackendInfo,
+    ChoiceRequest,
+    ChoiceResult,
+    GenRequest,
+    GenResult,
+    Loglikelihood,
+    RollingScore,
+    truncate_at_stops,
+)
+from .scoring import choices, loglikelihoods, rolling
 
 
 class GGUFBackend(Backend):
     can_score = True
+    can_choose = True
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
                  seed: int = 0) -> None:
@@ -56,10 +67,10 @@ class GGUFBackend(Backend):
         self.info = BackendInfo("gguf", str(self.path.resolve()), {"llama_cpp_python": llama_cpp.__version__,
                                                                    "n_ctx": self.max_context})
 
-    def _prompt_ids(self, request: GenRequest) -> list[int]:
+    def _prompt_ids(self, request: GenRequest | ChoiceRequest) -> list[int]:
         if request.messages is not None:
             return self.engine.chat_prompt(request.message_dicts())
-        return self.llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
+        return self.llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)  # type: ignore[union-attr]
 
     def _answer(self, request: GenRequest) -> GenResult:
         """One answer through ``Llama.generate``: end-of-generation tokens, stop strings and the context's end
@@ -114,6 +125,28 @@ class GGUFBackend(Backend):
 
     def rolling_loglikelihood(self, texts: Sequence[str]) -> list[RollingScore]:
         return rolling(self.logits, self.encode_text, self.prefix_id, self.max_context, texts)
+
+    def end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn: the last end-of-generation token llama.cpp knows that the
+        embedded chat template writes after an assistant message."""
+        turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        try:
+            rendered = self.engine.formatter(messages=turn).prompt
+        except ValueError as err:
+            raise EvalError(str(err)) from err
+        ends = [t for t in self.llm.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
+                if t in self.engine.end_ids]
+        if not ends:
+            raise EvalError(f"{self.path}: its chat template ends an assistant turn with no end-of-generation "
+                            "token, so an answer turn cannot be scored")
+        return ends[-1]
+
+    def choose(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceResult]:
+        """Each choice as the assistant turn the embedded template writes: its text (tokenized as text), then
+        the end-of-turn token (:meth:`end_of_turn_id`), after the prompt ``generate`` feeds."""
+        end = self.end_of_turn_id()
+        return choices(self.logits, self._prompt_ids, lambda text: self.encode_text(text) + [end], self.max_context,
+                       requests)
 
     def close(self) -> None:
         self.engine.close()

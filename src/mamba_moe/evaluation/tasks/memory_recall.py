@@ -114,7 +114,7 @@ class MemoryRecall(Task):
         reader = self.options["reader"]
         if reader == "choice" and not backend.can_choose:
             raise EvalError(f"memory.reader=choice: the {backend.info.kind} backend cannot score a chat's answers; "
-                            "use a checkpoint or an HF model, or memory.reader=model")
+                            "use a checkpoint, an HF model or a GGUF file, or memory.reader=model")
         out, lengths, estimated, extracted = [], [], False, defaultdict(int)
         conversations = self.conversations()
         with tempfile.TemporaryDirectory(prefix="mamba-moe-memory-eval-") as tmp, \
