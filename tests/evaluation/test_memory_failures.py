@@ -58,3 +58,21 @@ def test_report_counts_failures_per_kind():
     assert report["failures"] == {"recall": {"abstained": 1, "other_person": 2}, "latest": {"stale": 1},
                                   "abstain": {"other_person": 1}, "deleted": {"leaked": 1}}
     assert report["value"] == 0.25 and report["deleted_leaks_in_answers"] == 1
+
+
+@pytest.mark.parametrize("reader", ["model", "choice"])
+def test_a_refused_request_is_an_error_not_a_reading_failure(reader):
+    from mamba_moe.evaluation.backends.base import ChoiceRequest, ChoiceResult, GenRequest, GenResult
+    from mamba_moe.evaluation.tasks.base import Item
+
+    messages = (("system", "facts"), ("user", "Where do I live?"))
+    if reader == "choice":
+        request, refused = ChoiceRequest(messages, ("Oslo", ABSTAIN)), ChoiceResult((), (), "too long")
+        answered = ChoiceResult((-0.1, -3.0), (2, 4))
+    else:
+        request, refused = GenRequest(messages=messages), GenResult("", "error", "too long")
+        answered = GenResult("Oslo")
+    items = [Item("a", request, "Oslo", _meta()), Item("b", request, "Oslo", _meta())]
+    bad, good = MemoryRecall({"reader": reader}).score(items, [refused, answered])
+    assert bad["failure"] == "error" and bad["error"] == "too long" and not bad["correct"]
+    assert good["correct"] and good["failure"] is None and "error" not in good

@@ -171,7 +171,10 @@ class MemoryRecall(Task):
                 answer, error = ("", output.error) if best is None else (item.request.choices[best], None)
             else:
                 answer, error = ("", output.error) if output.error else (output.text, None)
-            verdicts.append(judge(answer, item.target, item.meta) | ({"error": error} if error else {}))
+            verdict = judge(answer, item.target, item.meta)
+            if error:   # the backend refused the request (too long a prompt): not a reading failure
+                verdict |= {"error": error, "failure": "error" if not verdict["correct"] else None}
+            verdicts.append(verdict)
         return verdicts
 
     def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -223,7 +226,8 @@ def judge(answer: str, gold: str, meta: dict[str, Any]) -> dict[str, Any]:
             "stale": stale, "leak": leak, "failure": None if correct else failure(answer, gold, meta)}
 
 
-FAILURES = ("abstained", "stale", "leaked", "other_person", "other_attribute", "garbled_copy", "not_in_prompt")
+FAILURES = ("abstained", "stale", "leaked", "other_person", "other_attribute", "garbled_copy", "not_in_prompt",
+            "error")   # the last: the backend refused the request (score's, not failure's)
 GARBLED_RATIO = 0.6
 
 
