@@ -17,6 +17,7 @@ from mamba_moe.evaluation.backends.checkpoint import CheckpointBackend
 from mamba_moe.evaluation.backends.scoring import choices
 from mamba_moe.evaluation.errors import EvalError
 from mamba_moe.evaluation.runner import run_eval
+from mamba_moe.evaluation.tasks import task_class
 from mamba_moe.memory.reader import is_abstention
 from mamba_moe.memory.slots import ABSTAIN
 
@@ -122,10 +123,19 @@ class _WritesOnly(Backend):
         return [GenResult("") for _ in requests]
 
 
-def test_choice_reader_refuses_a_backend_that_cannot_score(tmp_path):
+def test_choice_reader_is_skipped_on_a_backend_that_cannot_score(tmp_path):
+    """Skipped with its reason, like ppl, while the same run's other tasks still run (here the greedy reader)."""
+    options = {"memory": {"conversations": "1", "sessions": "4", "reader": "choice"}}
+    report = run_eval(_WritesOnly(), ["memory", "ppl"], tmp_path / "choice", chat=True, options=options)
+    assert report["tasks"]["memory"]["n"] == 0 and report["tasks"]["memory"]["value"] is None
+    assert report["tasks"]["memory"]["skipped"].startswith("memory.reader=choice: the openai backend")
+    assert "cannot score text" in report["tasks"]["ppl"]["skipped"]
+    options["memory"]["reader"] = "model"
+    report = run_eval(_WritesOnly(), ["memory"], tmp_path / "model", chat=True, options=options)
+    assert "skipped" not in report["tasks"]["memory"] and report["tasks"]["memory"]["n"] > 0
+    task = task_class("memory")(options={"reader": "choice"}, chat=True)      # asked directly, it refuses
     with pytest.raises(EvalError, match="memory.reader=choice: the openai backend"):
-        run_eval(_WritesOnly(), ["memory"], tmp_path, chat=True,
-                 options={"memory": {"conversations": "1", "sessions": "3", "reader": "choice"}})
+        task.items(_WritesOnly(), None)
 
 
 def _chats(seed):

@@ -170,10 +170,10 @@ def run_eval(backend: Backend, tasks: Sequence[str], output: str | Path, *, mode
     opened: dict[str, Backend] = {}
     try:
         for task in built:
-            if task.needs_scoring and not backend.can_score:
+            reason = task.cannot_run_on(backend)
+            if reason is not None:
                 report["tasks"][task.name] = {"metric": task.metric, "value": None, "ci95": [None, None], "n": 0,
-                                              "skipped": f"the {backend.info.kind} backend cannot score text "
-                                                         "(no log-probabilities)"}
+                                              "skipped": reason}
                 continue
             started = time.monotonic()
             helpers = open_helpers(task, backend, opened, open_model)

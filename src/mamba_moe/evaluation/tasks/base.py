@@ -117,6 +117,15 @@ class Task(ABC):
             except ValueError as err:
                 raise EvalError(f"--set {self.name}.{key}={text}: {err}") from None
 
+    def cannot_run_on(self, backend: Any) -> str | None:
+        """Why this task, as configured, cannot run on ``backend`` (the report's ``skipped``), or None.
+
+        The runner asks before a task starts, so one task the backend cannot serve is skipped with its
+        reason while the others in the same run still run."""
+        if self.needs_scoring and not backend.can_score:
+            return f"the {backend.info.kind} backend cannot score text (no log-probabilities)"
+        return None
+
     def settings(self) -> dict[str, Any]:
         """What the report states about how the task ran (also part of each sample's cache key)."""
         return {"mode": "chat" if self.chat else "base", "seed": self.seed, **self.options}

@@ -99,6 +99,12 @@ class MemoryRecall(Task):
         super().__init__(*args, **kwargs)
         self.context: dict[str, Any] = {}
 
+    def cannot_run_on(self, backend: Backend) -> str | None:
+        if self.options["reader"] == "choice" and not backend.can_choose:
+            return (f"memory.reader=choice: the {backend.info.kind} backend cannot score a chat's answers; use a "
+                    "checkpoint, an HF model or a GGUF file, or memory.reader=model")
+        return super().cannot_run_on(backend)
+
     def conversations(self) -> list[Conversation]:
         config = DialogueConfig(sessions=self.options["sessions"])
         return generate(EVAL_SEEDS.start + self.seed, self.options["conversations"], split="eval", config=config)
@@ -112,9 +118,8 @@ class MemoryRecall(Task):
         from ...memory.store import MemoryStore
 
         reader = self.options["reader"]
-        if reader == "choice" and not backend.can_choose:
-            raise EvalError(f"memory.reader=choice: the {backend.info.kind} backend cannot score a chat's answers; "
-                            "use a checkpoint, an HF model or a GGUF file, or memory.reader=model")
+        if (reason := self.cannot_run_on(backend)) is not None:    # the runner skips first; a direct call fails
+            raise EvalError(f"memory: {reason}")
         out, lengths, estimated, extracted = [], [], False, defaultdict(int)
         conversations = self.conversations()
         with tempfile.TemporaryDirectory(prefix="mamba-moe-memory-eval-") as tmp, \
