@@ -45,20 +45,28 @@ RESULTS = Path("docs/results/study")
 # trained with it on has never seen the angles that lie past its training length; the long-context phase
 # switches YaRN on afterwards, as the seed's "train 8k, run 32k" means.
 _NO_YARN = "model.overrides.rope_scaling=null"
+# The study's first four models were trained when the flagship had 16 diff2 heads; they keep them, so their
+# committed curves stay reproducible. The preset has 8 since 2026-12-04 (the hybrid-soft-*-960 pair decided it).
+_H16, _H8 = "model.overrides.attn_num_heads=16", "model.overrides.attn_num_heads=8"
+_LONG = "max_steps=960"     # twice the study's tokens: 62.9M
 MODELS: dict[str, list[str]] = {
-    # the flagship: 20 Mamba2 + 4 diff2 attention layers, soft MoE (6 x 256 + shared 512) in every layer
-    "hybrid-soft": ["model.preset=mamba-moe-300m", _NO_YARN],
+    # the flagship as it was: 20 Mamba2 + 4 diff2 attention layers (16 heads), soft MoE (6 x 256 + shared 512)
+    "hybrid-soft": ["model.preset=mamba-moe-300m", _NO_YARN, _H16],
     # the same with top-2 routing: 2 of 6 routed experts per token (+ the shared one)
-    "hybrid-topk": ["model.preset=mamba-moe-300m", _NO_YARN, "model.overrides.moe_router=topk",
+    "hybrid-topk": ["model.preset=mamba-moe-300m", _NO_YARN, _H16, "model.overrides.moe_router=topk",
                     "model.overrides.moe_top_k=2"],
     # the same with a dense SwiGLU FFN of the soft MoE's active width (6 x 256 + 512 = 2048)
-    "hybrid-dense": ["model.preset=mamba-moe-300m-dense", _NO_YARN],
+    "hybrid-dense": ["model.preset=mamba-moe-300m-dense", _NO_YARN, _H16],
     # a Llama-style transformer: 24 x 1024, 16-head RoPE attention, SwiGLU 2816, untied head
     "transformer": ["model.preset=transformer-baseline"],
-    # the flagship with 8 diff2 heads instead of 16 (16 query heads after the export's fold): what halving
-    # the heads costs in loss, against the llama.cpp decode speed it buys at 8k (docs/benchmarks.md, issue 17).
-    # Not in ORDER: `python bench/study.py train --models hybrid-soft-h8` trains it
-    "hybrid-soft-h8": ["model.preset=mamba-moe-300m", _NO_YARN, "model.overrides.attn_num_heads=8"],
+    # 8 diff2 heads instead of 16 (16 query heads after the export's fold): what halving the heads costs in
+    # loss, against the llama.cpp decode speed it buys at 8k (docs/benchmarks.md, issue 17). Not in ORDER:
+    # `python bench/study.py train --models hybrid-soft-h8` trains it
+    "hybrid-soft-h8": ["model.preset=mamba-moe-300m", _NO_YARN, _H8],
+    # the same two at twice the tokens, trained side by side in the same slices (same machine, same time):
+    # `python bench/study.py train --models hybrid-soft-960 hybrid-soft-h8-960 --parallel --time-limit 540`
+    "hybrid-soft-960": ["model.preset=mamba-moe-300m", _NO_YARN, _H16, _LONG],
+    "hybrid-soft-h8-960": ["model.preset=mamba-moe-300m", _NO_YARN, _H8, _LONG],
 }
 ORDER = ["hybrid-soft", "transformer", "hybrid-dense", "hybrid-topk"]  # the most telling comparison first
 FLAGSHIP = "hybrid-soft"
@@ -129,13 +137,19 @@ def prepare(args: argparse.Namespace) -> None:
     log(f"data ready: {SHARDS}")
 
 
+def total_steps(name: str, args: argparse.Namespace) -> int:
+    """max_steps of a model's run: the config's, its own override, or --extra's (the last one wins)."""
+    return _max_steps(TRAIN_CONFIG, [*MODELS[name], *args.extra])
+
+
 def train(args: argparse.Namespace, deadline: float) -> bool:
-    """Train each model to the config's max_steps, within the slice; True when all are done."""
-    total = _max_steps(TRAIN_CONFIG, args.extra)
+    """Train each model to its max_steps, within the slice; True when all are done. With ``--parallel``
+    the models that are not done all start at once (one GPU shared), each logging to runs/study/NAME.log."""
+    together: list[tuple[str, list[str]]] = []
     for name in args.models:
         out = RUNS / name
         step = finished_step(out)
-        if step >= total:
+        if step >= total_steps(name, args):
             log(f"{name}: done ({step} steps)")
             continue
         left = deadline - time.monotonic() - SAVE_MARGIN_S
@@ -146,12 +160,28 @@ def train(args: argparse.Namespace, deadline: float) -> bool:
                         "--time-limit", f"{left:.0f}")
         if step:
             cmd.append("--resume")
-        code = run(cmd)
-        if code:
+        if args.parallel:
+            together.append((name, cmd))
+            continue
+        if code := run(cmd):
             raise SystemExit(f"study: training {name} failed (exit {code})")
-        if finished_step(out) < total:
+        if finished_step(out) < total_steps(name, args):
             return False
-    return True
+    codes = run_together({name: cmd for name, cmd in together})
+    if failed := {name: code for name, code in codes.items() if code}:
+        raise SystemExit(f"study: training failed: {failed} (logs: {RUNS}/NAME.log)")
+    return all(finished_step(RUNS / name) >= total_steps(name, args) for name in codes)
+
+
+def run_together(cmds: dict[str, list[str]]) -> dict[str, int]:
+    """Run the commands at once, each writing to runs/study/NAME.log; their exit codes by name."""
+    procs = {}
+    for name, cmd in cmds.items():
+        log(f"$ {shlex.join(cmd)}  > {RUNS / name}.log")
+        (ROOT / RUNS).mkdir(parents=True, exist_ok=True)
+        with open(ROOT / RUNS / f"{name}.log", "a", encoding="utf-8") as sink:
+            procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+    return {name: proc.wait() for name, proc in procs.items()}
 
 
 def _load(path: Path, rope_scaling: object = "keep", device: str = "cuda"):
@@ -369,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf-seq", type=int, default=2048)
     p.add_argument("--gguf-windows", type=int, default=8)
     p.add_argument("--force", action="store_true", help="redo a finished long-context measurement")
+    p.add_argument("--parallel", action="store_true",
+                   help="train the --models side by side on the one GPU (a comparison made in the same slices)")
     p.add_argument("--extra", nargs="*", default=[], metavar="key=value",
                    help="overrides added to every training command (a CPU smoke run: seq_len=64 max_steps=2 ...)")
     args = p.parse_args(argv)
@@ -433,7 +465,7 @@ def committed_curve(name: str, args: argparse.Namespace) -> bool:
 
     path = ROOT / RESULTS / f"{name}.metrics.jsonl"
     records = read_metrics(path) if path.exists() else []
-    return bool(records) and records[-1]["step"] >= _max_steps(TRAIN_CONFIG, args.extra)
+    return bool(records) and records[-1]["step"] >= total_steps(name, args)
 
 
 def committed_complete(name: str, keys: list[str]) -> bool:

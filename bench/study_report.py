@@ -19,9 +19,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- study:begin (bench/study_report.py rewrites this block) -->", "<!-- study:end -->"
-LABELS = {"hybrid-soft": "hybrid, soft MoE (flagship)", "hybrid-topk": "hybrid, top-2 MoE",
-          "hybrid-dense": "hybrid, dense FFN", "transformer": "transformer baseline",
-          "hybrid-soft-h8": "hybrid, soft MoE, 8 attention heads"}
+LABELS = {"hybrid-soft": "hybrid, soft MoE, 16 heads (the flagship until 2026-12-04)",
+          "hybrid-topk": "hybrid, top-2 MoE", "hybrid-dense": "hybrid, dense FFN",
+          "transformer": "transformer baseline",
+          "hybrid-soft-h8": "hybrid, soft MoE, 8 attention heads (the flagship now)",
+          "hybrid-soft-960": "hybrid, soft MoE, 16 heads, 960 steps (side by side)",
+          "hybrid-soft-h8-960": "hybrid, soft MoE, 8 heads, 960 steps (side by side)"}
+SIDE_BY_SIDE = {"hybrid-soft-960", "hybrid-soft-h8-960"}   # shared one GPU: their step times are not comparable
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -181,6 +185,8 @@ def plots(results: Path, out: Path) -> list[Path]:
                              ("val_seconds", "training time on one H200 (minutes)", "study_loss_vs_time.png")):
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
         for name, c in runs.items():
+            if x == "val_seconds" and name in SIDE_BY_SIDE:
+                continue
             scale = 1e6 if x == "val_tokens" else 60.0
             ax.plot([v / scale for v in c[x]], c["val_loss"], marker=".", label=LABELS[name])
         ax.set_xlabel(xlabel)

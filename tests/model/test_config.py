@@ -30,6 +30,9 @@ def test_flagship_layout():
     assert (c.n_layers, c.d_model, c.vocab_size) == (24, 1024, 32000)
     assert c.layer_mixers.count("attention") == 4 and c.layer_ffns == ["moe"] * 24
     assert c.attn_type == "diff2" and c.diff2_lambda == "head" and c.moe_router == "soft"
+    # 16 query heads after the export's diff2 fold over one K/V head: what keeps llama.cpp's decode at 8k
+    # context above 39 tok/s on 2 CPU cores (docs/benchmarks.md); 32 query heads fell below it
+    assert (2 * c.attn_num_heads, c.attn_num_kv_heads) == (16, 1)
     assert 4 <= c.moe_num_experts <= 6 and c.moe_shared_expert_hidden_size > 0
     assert c.rope_scaling["type"] == "yarn" and c.rope_scaling["original_max_position_embeddings"] == 8192
 
