@@ -85,8 +85,10 @@ def test_training_after_add_experts_routes_to_the_new_experts(corpus, tmp_path):
     src = _checkpoint(corpus, tmp_path / "src")
     out = tmp_path / "grown"
     assert main(["grow", str(src), "-o", str(out), "--add-experts", "4"]) == 0
-    trainer = Trainer(tiny_config(corpus, tmp_path / "run", init_from=str(out), max_steps=6, save_every=6,
-                                  eval_every=6, lr=3e-3)).setup()
+    # 24 steps of 256 tokens, not 6 of 64: from some random initialisations (test seeds 64, 81) the short run's
+    # loss was still noise around ln(vocab) and the held-out loss did not fall; this one fell for seeds 40-100
+    trainer = Trainer(tiny_config(corpus, tmp_path / "run", init_from=str(out), max_steps=24, save_every=24,
+                                  eval_every=24, batch_size=8, lr=3e-3)).setup()
     before = trainer.evaluate()["val_loss"]
     result = trainer.train()
     assert result.val["val_loss"] < before
