@@ -124,7 +124,7 @@ class _WritesOnly(Backend):
 
 
 def test_choice_reader_is_skipped_on_a_backend_that_cannot_score(tmp_path):
-    """Skipped with its reason, like ppl, while the same run's other tasks still run (here the greedy reader)."""
+    """Skipped with its reason, like ppl, without aborting the run; the greedy reader runs on the same backend."""
     options = {"memory": {"conversations": "1", "sessions": "4", "reader": "choice"}}
     report = run_eval(_WritesOnly(), ["memory", "ppl"], tmp_path / "choice", chat=True, options=options)
     assert report["tasks"]["memory"]["n"] == 0 and report["tasks"]["memory"]["value"] is None

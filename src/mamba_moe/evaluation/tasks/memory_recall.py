@@ -119,7 +119,7 @@ class MemoryRecall(Task):
 
         reader = self.options["reader"]
         if (reason := self.cannot_run_on(backend)) is not None:    # the runner skips first; a direct call fails
-            raise EvalError(f"memory: {reason}")
+            raise EvalError(reason)
         out, lengths, estimated, extracted = [], [], False, defaultdict(int)
         conversations = self.conversations()
         with tempfile.TemporaryDirectory(prefix="mamba-moe-memory-eval-") as tmp, \
